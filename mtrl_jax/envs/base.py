@@ -1,0 +1,242 @@
+"""The environment API: gymnax-style pure functions over static-shape pytrees.
+
+    env.reset(key, params)                 -> (state, obs)     # obs: the prompt
+    env.step(key, state, action, params)   -> (state, obs, reward, done, info)
+    env.expert(key, state, params)         -> action           # scripted demonstration
+
+* `env` is a plain Python object holding *static* configuration (the vocabulary, sizes that
+  fix array shapes). `params` (`EnvParams`, a `flax.struct.dataclass`) holds values that may
+  change without recompiling (expert noise, reward shaping). Everything is jittable and
+  vmappable with params broadcast: `jax.vmap(env.step, in_axes=(0, 0, 0, None))`.
+* `action` is one agent turn: `Action(tokens [A], length [])`, the turn's sampled tokens
+  (right-padded with `<pad>`; A is whatever the caller uses, e.g. the rollout's turn budget,
+  and `env.action_len` is the longest turn the expert needs).
+* `obs` is `Observation(tokens [N], length [], role [])`: N = `env.prompt_len` from `reset`,
+  `env.reply_len` from `step`. A reply is written as the exact chat-template pieces
+  `<tool|user> content <eot> <assistant>`, so the rollout appends it verbatim and the next
+  agent turn starts right after. When the episode ends, the reply is empty (length 0).
+* Malformed actions are answered, not raised: the environment replies with an error message
+  as tokens and counts it in `info['format_errors']`. Nothing in `step` may raise or produce
+  NaN for any token sequence.
+* `info` is a dict of scalar arrays with the episode totals so far; every environment reports
+  `success`, `num_tool_calls`, `format_errors`, `num_turns`, `truncated`, plus its own keys.
+
+Subclasses implement `reset_env`, `step_env` and `expert`; `Environment.step` adds what every
+environment shares: stepping a finished episode is a no-op, the turn limit truncates, the
+reply of a finished episode is empty, and `info` is assembled from the state.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtrl_jax import vocab as V
+
+ROLE_NONE, ROLE_USER, ROLE_TOOL = 0, 1, 2
+
+
+@flax.struct.dataclass
+class Action:
+  """One agent turn. tokens: [A] int32 (right-padded); length: [] int32 number of real tokens."""
+
+  tokens: jax.Array
+  length: jax.Array
+
+
+@flax.struct.dataclass
+class Observation:
+  """A prompt or reply. tokens: [N] int32 (right-padded); length: [] int32; role: [] int32
+  (`ROLE_USER` or `ROLE_TOOL`; `ROLE_NONE` for an empty reply)."""
+
+  tokens: jax.Array
+  length: jax.Array
+  role: jax.Array
+
+
+@flax.struct.dataclass
+class EnvState:
+  """Fields every environment state has; subclasses add their own after these.
+
+  turn: [] int32 agent turns taken. done: [] bool episode over. truncated: [] bool ended by the
+  turn limit. success: [] bool task solved. num_tool_calls, format_errors: [] int32 counters.
+  """
+
+  turn: jax.Array
+  done: jax.Array
+  truncated: jax.Array
+  success: jax.Array
+  num_tool_calls: jax.Array
+  format_errors: jax.Array
+
+
+def initial_counters() -> dict[str, jax.Array]:
+  """Keyword arguments for the `EnvState` base fields of a fresh episode."""
+  return dict(turn=jnp.int32(0), done=jnp.bool_(False), truncated=jnp.bool_(False),
+              success=jnp.bool_(False), num_tool_calls=jnp.int32(0),
+              format_errors=jnp.int32(0))
+
+
+class Environment(abc.ABC):
+  """Base class of all environments. See the module docstring for the contract."""
+
+  name: str = "env"
+
+  def __init__(self, vocab: V.Vocab | None = None):
+    symbols = tuple(self.symbols())
+    if vocab is None:
+      vocab = V.Vocab.build(symbols)
+    missing = vocab.missing(symbols)
+    if missing:
+      raise ValueError(f"{type(self).__name__}: the vocabulary lacks symbols {missing[:20]}"
+                       f"{' ...' if len(missing) > 20 else ''}; build it with "
+                       f"Vocab.build(env.symbols(), ...)")
+    self.vocab = vocab
+
+  # --- static description ---------------------------------------------------------------
+  @abc.abstractmethod
+  def symbols(self) -> Sequence[str]:
+    """Every symbol this environment emits or parses (special tokens are always present)."""
+
+  @property
+  @abc.abstractmethod
+  def default_params(self) -> Any:
+    """The default `EnvParams`."""
+
+  @property
+  @abc.abstractmethod
+  def prompt_len(self) -> int:
+    """Static length N of the prompt `Observation` returned by `reset`."""
+
+  @property
+  @abc.abstractmethod
+  def reply_len(self) -> int:
+    """Static length N of the reply `Observation` returned by `step`."""
+
+  @property
+  @abc.abstractmethod
+  def action_len(self) -> int:
+    """Tokens in the longest turn the expert produces (the rollout's turn budget must fit it)."""
+
+  @property
+  @abc.abstractmethod
+  def max_turns(self) -> int:
+    """Agent turns after which the episode is truncated."""
+
+  # --- dynamics ---------------------------------------------------------------------------
+  @abc.abstractmethod
+  def reset_env(self, key: jax.Array, params) -> tuple[EnvState, Observation]:
+    ...
+
+  @abc.abstractmethod
+  def step_env(self, key: jax.Array, state: EnvState, action: Action, params
+               ) -> tuple[EnvState, Observation, jax.Array, jax.Array]:
+    """One turn: returns (state, reply, reward [] f32, done [] bool). Counters in the state
+    (`success`, `num_tool_calls`, `format_errors`) are the subclass's to update; `turn`,
+    `done` and `truncated` are handled by `step`."""
+
+  @abc.abstractmethod
+  def expert(self, key: jax.Array, state: EnvState, params) -> Action:
+    """The scripted demonstrator's next turn, [action_len] tokens; `params.noise` makes it err."""
+
+  def extra_info(self, state: EnvState) -> dict[str, jax.Array]:
+    """Environment-specific scalar metrics added to `info` (override)."""
+    return {}
+
+  # --- the public, shared part ------------------------------------------------------------
+  def reset(self, key: jax.Array, params=None) -> tuple[EnvState, Observation]:
+    params = self.default_params if params is None else params
+    return self.reset_env(key, params)
+
+  def step(self, key: jax.Array, state: EnvState, action: Action, params=None
+           ) -> tuple[EnvState, Observation, jax.Array, jax.Array, dict[str, jax.Array]]:
+    params = self.default_params if params is None else params
+    new, obs, reward, done = self.step_env(key, state, action, params)
+    turn = state.turn + 1
+    truncated = ~done & (turn >= self.max_turns)
+    new = new.replace(turn=turn, done=done | truncated, truncated=truncated)
+    ended = new.done
+    obs = obs.replace(length=jnp.where(ended, 0, obs.length).astype(jnp.int32),
+                      role=jnp.where(ended, ROLE_NONE, obs.role).astype(jnp.int32))
+    obs = obs.replace(tokens=jnp.where(jnp.arange(obs.tokens.shape[-1]) < obs.length,
+                                       obs.tokens, V.PAD_ID))
+    # A finished episode does not move.
+    new = jax.tree.map(lambda a, b: jnp.where(state.done, a, b), state, new)
+    reward = jnp.where(state.done, 0.0, reward).astype(jnp.float32)
+    obs = jax.tree.map(lambda x: jnp.where(state.done, jnp.zeros_like(x), x), obs)
+    return new, obs, reward, new.done, self.info(new)
+
+  def info(self, state: EnvState) -> dict[str, jax.Array]:
+    return {
+        "success": state.success, "num_tool_calls": state.num_tool_calls,
+        "format_errors": state.format_errors, "num_turns": state.turn,
+        "truncated": state.truncated, **self.extra_info(state),
+    }
+
+  # --- helpers for subclasses -------------------------------------------------------------
+  def const(self, text: str | Sequence[str]) -> tuple[jax.Array, int]:
+    """Encode a fixed message: (ids [n] int32, n). For building replies in jitted code."""
+    ids = np.asarray(self.vocab.encode(text), np.int32)
+    return jnp.asarray(ids), len(ids)
+
+  def id(self, symbol: str) -> int:
+    return self.vocab.id(symbol)
+
+  def make_prompt(self, content: jax.Array, length: jax.Array) -> Observation:
+    """`<bos> <user> content <eot> <assistant>` padded to `prompt_len`. content: [n] int32."""
+    return Observation(
+        tokens=frame(content, length, (self.id(V.BOS), self.id(V.USER)),
+                     (self.id(V.EOT), self.id(V.ASSISTANT)), self.prompt_len),
+        length=(length + 4).astype(jnp.int32), role=jnp.int32(ROLE_USER))
+
+  def make_reply(self, role: int, content: jax.Array, length: jax.Array) -> Observation:
+    """`<tool|user> content <eot> <assistant>` padded to `reply_len`. content: [n] int32."""
+    head = self.id(V.TOOL if role == ROLE_TOOL else V.USER)
+    return Observation(
+        tokens=frame(content, length, (head,), (self.id(V.EOT), self.id(V.ASSISTANT)),
+                     self.reply_len),
+        length=(length + 3).astype(jnp.int32), role=jnp.int32(role))
+
+
+def frame(content: jax.Array, length: jax.Array, head: Sequence[int], tail: Sequence[int],
+          size: int) -> jax.Array:
+  """[*head, *content[:length], *tail, pad...] as a [size] int32 array (static shapes).
+
+  Content beyond `size` is cut; the tail is always written (the caller's budgets guarantee it
+  fits: `len(head) + max content + len(tail) <= size`).
+  """
+  idx = jnp.arange(size)
+  h, tl = len(head), len(tail)
+  content = jnp.asarray(content, jnp.int32)
+  length = jnp.minimum(jnp.asarray(length, jnp.int32), size - h - tl)
+  body = content[jnp.clip(idx - h, 0, content.shape[0] - 1)]
+  out = jnp.where((idx >= h) & (idx < h + length), body, V.PAD_ID)
+  for i, tok in enumerate(head):
+    out = jnp.where(idx == i, tok, out)
+  for i, tok in enumerate(tail):
+    out = jnp.where(idx == h + length + i, tok, out)
+  return out.astype(jnp.int32)
+
+
+def concat_segments(segments: Sequence[tuple[jax.Array, jax.Array]], size: int) -> tuple[jax.Array, jax.Array]:
+  """Concatenate variable-length segments with static shapes.
+
+  segments: [(ids [n_i] int32, length_i [] int32), ...]. Returns (tokens [size] int32 padded,
+  total length [] int32, clipped to size).
+  """
+  idx = jnp.arange(size)
+  out = jnp.full((size,), V.PAD_ID, jnp.int32)
+  offset = jnp.int32(0)
+  for ids, n in segments:
+    ids = jnp.asarray(ids, jnp.int32)
+    n = jnp.asarray(n, jnp.int32)
+    rel = idx - offset
+    take = (rel >= 0) & (rel < n)
+    out = jnp.where(take, ids[jnp.clip(rel, 0, ids.shape[0] - 1)], out)
+    offset = offset + n
+  return out, jnp.minimum(offset, size)

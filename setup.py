@@ -1,0 +1,43 @@
+"""mtrl_jax: multi-turn reinforcement learning of language models on tool use, in JAX.
+
+Version ranges are the ones installed and tested (Python 3.11, CPU): see README "Tested with".
+"""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "chex>=0.1.92,<0.2",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "ml-collections>=1.1.0,<2",
+    "tensorflow-datasets>=4.9.10,<5",
+    "importlib_resources>=7.1.0",
+    "array_record>=0.8.6,<0.9",
+    "numpy>=2.4,<3",
+    "tqdm>=4.70,<5",
+    "tensorboardX>=2.6.5,<3",
+    "matplotlib>=3.11,<4",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=9.2,<10",
+        "pytest-xdist>=3.8,<4",
+        "hypothesis>=6.170,<7",
+    ],
+}
+
+setup(
+    name="mtrl_jax",
+    version="0.1.0",
+    description="Multi-turn RL of language models on tool use: one jitted rollout-and-update step.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    # experiments/ and configs/ are run from the repo root (`python -m experiments.train`).
+    packages=find_packages(include=["mtrl_jax", "mtrl_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)

@@ -185,7 +185,7 @@ def test_bfloat16_compute_and_params():
   assert logits.dtype == jnp.float32 and values.dtype == jnp.float32
   assert np.all(np.isfinite(logits))
   cache = tf.init_cache(cfg, 2, 8)
-  assert cache.k.dtype == jnp.bfloat16
+  assert all(k.dtype == jnp.bfloat16 for k in cache.k)
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -23,8 +23,10 @@ without permuting weights.
 Why Linen and not NNX: everything downstream (the jitted train step, `jax.vmap` over seeds,
 sharding, checkpointing) is a function of a plain params pytree. Linen's
 `model.apply({'params': p}, ...)` *is* that pure function, with no split/merge step and no
-graph traversal per call. Layers are stacked with `nn.scan` (params `[L, ...]`), which keeps
-compile time flat in depth and matches the `[L, B, S, H, D]` cache layout.
+graph traversal per call. Layers are unrolled (`layers_0`, `layers_1`, ...), each with its own
+cache arrays, so the rollout's while loop updates every layer's cache in place; `nn.scan` over
+stacked layers keeps compile time flat in depth but made XLA copy the stacked cache on every
+decode step (10x slower decode on CPU). Compile time therefore grows with depth.
 
 Decode attention cost: each decode call attends over the whole static cache `[B, S_max]` with
 a mask (O(S_max) per token and layer), not only the filled part. With static shapes the
@@ -161,21 +163,28 @@ def model_config(preset: str, vocab_size: int, **overrides) -> ModelConfig:
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer. k, v: [L, B, S_max, num_kv_heads, head_dim]."""
+  """Keys and values, one array per layer: k[l], v[l]: [B, num_kv_heads, S_max, head_dim].
 
-  k: jax.Array
-  v: jax.Array
+  Per-layer arrays (not one stacked [L, ...] array) so that XLA updates each layer's cache in
+  place inside the rollout's while loop; slicing a stacked cache per layer copied it on every
+  decode step (measured 10x slower one-token decode on CPU). Head-major (`[KV, S_max, D]` per
+  row) so that one-token attention is a batched matmul over contiguous keys.
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.k[0].shape[2]
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
   """An empty cache for `batch_size` rows of up to `max_len` tokens (compute dtype by default)."""
-  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+  shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
   dtype = config.jnp_dtype if dtype is None else dtype
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
 
 
 class RMSNorm(nn.Module):
@@ -203,6 +212,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+  """Write new [B, KV, S, D] into cache [B, KV, S_max, D] at positions [B, S] (>= S_max: skip)."""
+  b, s = positions.shape
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
+  return cache.at[rows, :, positions].set(new.astype(cache.dtype).transpose(0, 2, 1, 3),
+                                          mode="drop")
+
+
 class Block(nn.Module):
   """Pre-norm decoder block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))."""
 
@@ -210,7 +227,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, layer_cache, positions, mask):
-    """x: [B, S, d]; layer_cache: (k, v) each [B, S_max, KV, D] or None; positions: [B, S];
+    """x: [B, S, d]; layer_cache: (k, v) each [B, KV, S_max, D] or None; positions: [B, S];
     mask: [B, 1, 1, S, S_keys] bool. Returns (x, new layer_cache)."""
     cfg = self.config
     dense = lambda n, name, bias=False: nn.Dense(n, use_bias=bias, dtype=cfg.jnp_dtype,
@@ -228,20 +245,22 @@ class Block(nn.Module):
     q = apply_rope(q, positions, cfg.rope_theta)
     k = apply_rope(k, positions, cfg.rope_theta)
 
+    k = k.transpose(0, 2, 1, 3)  # [B, KV, S, D]
+    v = v.transpose(0, 2, 1, 3)
     if layer_cache is not None:
       k_cache, v_cache = layer_cache
-      rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
-      k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-      v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+      k_cache = _write_cache(k_cache, k, positions)
+      v_cache = _write_cache(v_cache, v, positions)
       layer_cache = (k_cache, v_cache)
       k, v = k_cache.astype(cfg.jnp_dtype), v_cache.astype(cfg.jnp_dtype)
 
-    q = q.reshape(b, s, kv, h // kv, hd)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    q = q.reshape(b, s, kv, h // kv, hd).transpose(0, 2, 3, 1, 4)  # [B, KV, G, S, D]
+    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
     scores = scores / np.sqrt(hd).astype(np.float32)
     scores = jnp.where(mask, scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
-    attn = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, h * hd)
+    attn = jnp.einsum("bkgst,bktd->bkgsd", probs, v)
+    attn = attn.transpose(0, 3, 1, 2, 4).reshape(b, s, h * hd)
     x = x + dense(cfg.d_model, "o_proj")(attn)
 
     y = RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype, name="mlp_norm")(x)
@@ -265,7 +284,7 @@ class Transformer(nn.Module):
       tokens: [B, S] int32.
       positions: [B, S] int32 position of each token; default `arange(S)` per row.
       key_mask: [B, S] bool, tokens that may be attended to (full forward only; default all).
-      cache: `KVCache` with k, v [L, B, S_max, KV, D] for incremental decoding.
+      cache: `KVCache` with k, v [L, B, KV, S_max, D] for incremental decoding.
       return_logits: compute the LM head (False for a value-only critic).
 
     Returns:
@@ -281,14 +300,12 @@ class Transformer(nn.Module):
       if key_mask is None:
         key_mask = jnp.ones((b, s), bool)
       mask = (positions[:, None, :] <= positions[:, :, None]) & key_mask[:, None, :]
-      layer_caches = None
     else:
       if key_mask is not None:
         raise ValueError("key_mask is for the full forward; with a cache, pass positions >= "
                          "cache length for tokens that must not be written")
       slots = jnp.arange(cache.max_len, dtype=jnp.int32)
       mask = slots[None, None, :] <= positions[:, :, None]
-      layer_caches = (cache.k, cache.v)
     mask = mask[:, None, None, :, :]
 
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype,
@@ -297,9 +314,13 @@ class Transformer(nn.Module):
     x = embed(tokens)
 
     block = nn.remat(Block) if cfg.remat else Block
-    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers)
-    x, new_caches = layers(cfg, name="layers")(x, layer_caches, positions, mask)
+    new_k, new_v = [], []
+    for i in range(cfg.num_layers):
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+      x, layer_cache = block(cfg, name=f"layers_{i}")(x, layer_cache, positions, mask)
+      if layer_cache is not None:
+        new_k.append(layer_cache[0])
+        new_v.append(layer_cache[1])
     x = RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype, name="final_norm")(x)
 
     logits = None
@@ -314,7 +335,7 @@ class Transformer(nn.Module):
     if cfg.value_head:
       values = nn.Dense(1, dtype=jnp.float32, param_dtype=cfg.jnp_param_dtype,
                         kernel_init=nn.initializers.zeros, name="value_head")(x)[..., 0]
-    new_cache = None if cache is None else KVCache(k=new_caches[0], v=new_caches[1])
+    new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
     return logits, values, new_cache
 
 

@@ -1,0 +1,413 @@
+"""The fused multi-turn rollout: KV-cache sampling and environment steps in one jitted loop.
+
+`make_rollout(env, model_config, config)` validates every budget and returns a pure function
+
+    rollout(params, key, env_params=None) -> Trajectory          # jit it; vmap it; shard it
+
+that plays `num_envs * group_size` episodes at once. Rows are laid out group-contiguously: rows
+`g*G .. g*G+G-1` share environment instance g (same reset key) and differ in sampling keys.
+
+How one call runs (all static shapes, one `lax.while_loop`, no host round trip):
+
+1. `env.reset` (vmapped) gives each row its prompt; one chunked prefill call writes the whole
+   prompt into the KV cache and yields the logits of the first agent token.
+2. Every loop iteration, each row is in one phase:
+   * GEN: sample one token from the logits of its previous token (or take a forced one, see
+     below), write it at the row's position and feed it to the model (one-token decode);
+   * FEED: write the pending environment reply into the row and feed it to the model in one
+     chunk of `env.reply_len` tokens (`loss_mask=False`, `turn=-1`);
+   * DONE: nothing.
+   Rows move independently: one row can be in its third turn while another is still reading
+   its first reply. An iteration in which no row feeds runs the one-token model call; one in
+   which some row feeds runs the chunk call (generating rows ride along with one real token).
+3. A turn ends when the row emits `<eot>`. Then `env.step` runs for the rows whose turn ended
+   (`lax.cond` on any: iterations with no finished turn do no environment work), its reward
+   goes to `turn_reward[k]`, and its reply becomes the row's pending FEED.
+
+Budgets (validated in `make_rollout`, errors name the setting):
+* `max_len` T: the whole row. A row that runs out of context is `truncated`.
+* `turn_budget`: tokens per agent turn; the last one is forced to `<eot>`.
+* `think_budget`: tokens inside `<think> ... </think>` per turn; after that many, `</think>` is
+  forced (the per-turn reasoning cap). None = no cap.
+* `max_turns` K (default `env.max_turns`): after K turns the episode is `truncated`.
+Forced tokens are part of the turn (`turn=k`) but are not policy samples: `loss_mask=False`,
+`sampler_logprob=0`.
+
+Sampling distribution and RL ratios. Tokens are sampled from `sampling_log_probs(logits)`:
+temperature-scaled logits with the control tokens the policy must never emit (`<pad>`,
+`<bos>`, role headers: they are the environment's) masked out, then top-k / top-p truncation.
+`sampler_logprob` is the log-probability under exactly that distribution. A learner should
+score tokens with `sampling_log_probs(logits, top_k=0, top_p=1)` (same temperature and mask),
+so that at top-k = 0 and top-p = 1 the importance ratio is exactly 1 before the first update;
+with truncation the two differ, which the train step reports as the sampler/learner agreement.
+
+Expert forcing (`config.force_expert=True`): instead of sampling, every turn replays
+`env.expert`'s action token by token (for evaluation of the expert through exactly the same
+loop, and for tests). Forced turns have `loss_mask=False`.
+
+Determinism: every row carries its own PRNG key, so a row's episode depends only on its key,
+not on the batch size, the layout or the number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtrl_jax import vocab as V
+from mtrl_jax.envs import base as envs_base
+from mtrl_jax.models import transformer as tf
+from mtrl_jax.types import Trajectory
+
+GEN, FEED, DONE = 0, 1, 2
+# The part of the loop carry the environment step reads or writes (passed through its cond).
+_ENV_FIELDS = ("tokens", "pos", "turn_start", "k", "env_state", "info", "turn_end",
+               "turn_reward", "turn_valid", "done", "truncated", "phase", "reply", "reply_n",
+               "reply_i", "forced")
+NEVER_SAMPLED = (V.PAD, V.BOS, V.SYSTEM, V.USER, V.ASSISTANT, V.TOOL)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """Static rollout settings.
+
+  Attributes:
+    num_envs: environment instances per call.
+    group_size: G rollouts per instance (same reset key), contiguous rows, for GRPO/RLOO.
+    max_len: T, tokens per row (prompt + all turns + all replies).
+    turn_budget: max tokens of one agent turn, `<eot>` included.
+    think_budget: max tokens inside `<think>...</think>` per turn; None = no cap.
+    max_turns: K; None = `env.max_turns`.
+    temperature: sampling temperature (> 0). Ignored when `greedy`.
+    top_k: keep the k most likely tokens (0 = off).
+    top_p: nucleus sampling mass (1.0 = off).
+    greedy: argmax decoding (evaluation); `sampler_logprob` is then the log-prob under the
+      temperature-scaled distribution.
+    force_expert: replay `env.expert` instead of sampling.
+  """
+
+  num_envs: int = 8
+  group_size: int = 1
+  max_len: int = 128
+  turn_budget: int = 24
+  think_budget: int | None = None
+  max_turns: int | None = None
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  force_expert: bool = False
+
+  @property
+  def batch_size(self) -> int:
+    return self.num_envs * self.group_size
+
+
+class BudgetError(ValueError):
+  """A rollout budget that cannot work with the environment or the model."""
+
+
+def validate(env: envs_base.Environment, model_config: tf.ModelConfig, c: RolloutConfig) -> int:
+  """Check every static budget; returns K. Raises `BudgetError` naming the setting."""
+  for name in ("num_envs", "group_size", "max_len", "turn_budget"):
+    value = getattr(c, name)
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise BudgetError(f"rollout.{name} must be a positive integer, got {value!r}")
+  if c.turn_budget < 2:
+    raise BudgetError(f"rollout.turn_budget={c.turn_budget} leaves no room for a token before "
+                      "the forced <eot>; use >= 2")
+  if c.force_expert and c.turn_budget < env.action_len:
+    raise BudgetError(f"rollout.turn_budget={c.turn_budget} is shorter than the expert's "
+                      f"longest turn (env.action_len={env.action_len}); force_expert needs it")
+  if c.think_budget is not None:
+    if c.think_budget < 0 or c.think_budget > c.turn_budget - 2:
+      raise BudgetError(f"rollout.think_budget={c.think_budget} must be in [0, turn_budget-2="
+                        f"{c.turn_budget - 2}] (room for </think> and <eot>)")
+    for s in (V.THINK_OPEN, V.THINK_CLOSE):
+      if s not in env.vocab:
+        raise BudgetError(f"rollout.think_budget is set but the vocabulary has no {s}")
+  k = env.max_turns if c.max_turns is None else c.max_turns
+  if not isinstance(k, (int, np.integer)) or k < 1:
+    raise BudgetError(f"rollout.max_turns must be a positive integer, got {k!r}")
+  if k > env.max_turns:
+    raise BudgetError(f"rollout.max_turns={k} exceeds the environment's max_turns="
+                      f"{env.max_turns}; the episode ends there")
+  need = env.prompt_len + c.turn_budget + env.reply_len
+  if c.max_len < need:
+    raise BudgetError(
+        f"rollout.max_len={c.max_len} cannot hold the prompt, one turn and one reply: "
+        f"env.prompt_len={env.prompt_len} + rollout.turn_budget={c.turn_budget} + "
+        f"env.reply_len={env.reply_len} = {need}")
+  if c.temperature <= 0:
+    raise BudgetError(f"rollout.temperature must be > 0 (use greedy=True for argmax), got "
+                      f"{c.temperature}")
+  if not 0 < c.top_p <= 1:
+    raise BudgetError(f"rollout.top_p must be in (0, 1], got {c.top_p}")
+  if c.top_k < 0 or c.top_k > model_config.vocab_size:
+    raise BudgetError(f"rollout.top_k must be in [0, vocab_size={model_config.vocab_size}], "
+                      f"got {c.top_k}")
+  if model_config.vocab_size < env.vocab.size:
+    raise BudgetError(f"model vocab_size={model_config.vocab_size} is smaller than the "
+                      f"environment's vocabulary ({env.vocab.size} symbols)")
+  return k
+
+
+def never_sampled_mask(vocab: V.Vocab, vocab_size: int) -> np.ndarray:
+  """[V] bool: True for ids the policy may not emit (control tokens, ids beyond the vocab)."""
+  mask = np.zeros((vocab_size,), bool)
+  mask[[vocab.id(s) for s in NEVER_SAMPLED if s in vocab]] = True
+  mask[vocab.size:] = True
+  return mask
+
+
+def sampling_log_probs(logits: jax.Array, banned: jax.Array, *, temperature: float = 1.0,
+                       top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Log-probabilities of the distribution tokens are sampled from.
+
+  Args:
+    logits: [..., V] float32 model logits.
+    banned: [V] bool, ids that are never sampled (their log-prob is -inf).
+    temperature: > 0, divides the logits.
+    top_k: keep the k largest (0 = all).
+    top_p: keep the smallest set of tokens whose mass reaches top_p (1.0 = all).
+
+  Returns:
+    [..., V] float32 normalised log-probabilities (-inf outside the support).
+  """
+  x = jnp.where(banned, -jnp.inf, logits.astype(jnp.float32) / temperature)
+  if top_k:
+    kth = jax.lax.top_k(x, top_k)[0][..., -1:]
+    x = jnp.where(x < kth, -jnp.inf, x)
+  if top_p < 1.0:
+    order = jnp.argsort(-x, axis=-1)
+    sorted_x = jnp.take_along_axis(x, order, axis=-1)
+    probs = jax.nn.softmax(sorted_x, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p
+    keep = jnp.zeros_like(keep_sorted).at[
+        tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
+    x = jnp.where(keep, x, -jnp.inf)
+  return jax.nn.log_softmax(x, axis=-1)
+
+
+def rollout_keys(key: jax.Array, num_envs: int, group_size: int) -> tuple[jax.Array, jax.Array]:
+  """Per-row keys: (reset_keys [B], sample_keys [B]); reset keys are shared within a group."""
+  k_reset, k_sample = jax.random.split(key)
+  reset = jnp.repeat(jax.random.split(k_reset, num_envs), group_size, axis=0)
+  return reset, jax.random.split(k_sample, num_envs * group_size)
+
+
+def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
+                 config: RolloutConfig) -> Callable[..., Trajectory]:
+  """Validate budgets and build `rollout(params, key, env_params=None) -> Trajectory`.
+
+  The returned function has an attribute `rollout.rows(params, reset_keys [B], sample_keys [B],
+  env_params)`: the same computation from explicit per-row keys (what sharding uses).
+  `params` are the policy's Transformer params (`{'embed': ..., 'layers': ...}`).
+  """
+  K = validate(env, model_config, config)
+  c = config
+  T, R, P, A = c.max_len, env.reply_len, env.prompt_len, c.turn_budget
+  vocab = env.vocab
+  eot, think_open, think_close = vocab.eot_id, None, None
+  if c.think_budget is not None:
+    think_open, think_close = vocab.id(V.THINK_OPEN), vocab.id(V.THINK_CLOSE)
+  banned = jnp.asarray(never_sampled_mask(vocab, model_config.vocab_size))
+  policy_cfg = dataclasses.replace(model_config, value_head=False)
+
+  def model(params, tokens, positions, cache):
+    logits, _, cache = tf.apply(policy_cfg, params, tokens, positions, cache=cache)
+    return logits, cache
+
+  def sample(key, logits):
+    logp = sampling_log_probs(logits, banned, temperature=c.temperature, top_k=c.top_k,
+                              top_p=c.top_p)
+    tok = jnp.argmax(logp, -1) if c.greedy else jax.random.categorical(key, logp)
+    return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[..., None], -1)[..., 0]
+
+  def rows(params, reset_keys, sample_keys, env_params=None):
+    env_params = env.default_params if env_params is None else env_params
+    B = reset_keys.shape[0]
+    b_idx = jnp.arange(B)
+
+    env_state, prompt = jax.vmap(env.reset, in_axes=(0, None))(reset_keys, env_params)
+    p_pos = jnp.where(jnp.arange(P) < prompt.length[:, None], jnp.arange(P), T)
+    cache = tf.init_cache(model_config, B, T)
+    logits, cache = model(params, prompt.tokens, p_pos, cache)
+    next_logits = logits[b_idx, prompt.length - 1]
+
+    tokens = jnp.zeros((B, T), jnp.int32).at[:, :P].set(
+        jnp.where(jnp.arange(P) < prompt.length[:, None], prompt.tokens, V.PAD_ID))
+    # Info: zeros of the environment's info structure, filled at each row's env steps.
+    info_shape = jax.eval_shape(
+        lambda: jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+            reset_keys, env_state, envs_base.Action(jnp.zeros((B, A), jnp.int32),
+                                                     jnp.zeros((B,), jnp.int32)), env_params)[4])
+    info = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), info_shape)
+    keys = jax.vmap(jax.random.split)(sample_keys)  # [B, 2]: (loop key, expert key)
+    forced = jnp.zeros((B, A), jnp.int32)
+    if c.force_expert:
+      forced = _expert_tokens(env, keys[:, 1], env_state, env_params, A)
+
+    carry = dict(
+        keys=keys[:, 0], cache=cache, next_logits=next_logits,
+        tokens=tokens, loss_mask=jnp.zeros((B, T), bool), turn=jnp.full((B, T), -1, jnp.int32),
+        logprob=jnp.zeros((B, T), jnp.float32),
+        pos=prompt.length.astype(jnp.int32), phase=jnp.full((B,), GEN, jnp.int32),
+        reply=jnp.zeros((B, R), jnp.int32), reply_n=jnp.zeros((B,), jnp.int32),
+        reply_i=jnp.zeros((B,), jnp.int32),
+        k=jnp.zeros((B,), jnp.int32), turn_start=prompt.length.astype(jnp.int32),
+        in_think=jnp.zeros((B,), bool), think_n=jnp.zeros((B,), jnp.int32), forced=forced,
+        env_state=env_state, info=info,
+        turn_end=jnp.zeros((B, K), jnp.int32), turn_reward=jnp.zeros((B, K), jnp.float32),
+        turn_valid=jnp.zeros((B, K), bool),
+        done=jnp.zeros((B,), bool), truncated=jnp.zeros((B,), bool), it=jnp.int32(0))
+
+    def cond(s):
+      return jnp.any(s["phase"] != DONE) & (s["it"] < T)
+
+    def body(s):
+      s = dict(s)
+      split = jax.vmap(lambda k: jax.random.split(k, 3))(s["keys"])
+      s["keys"], k_sample, k_env = split[:, 0], split[:, 1], split[:, 2]
+
+      # A generating row with no room left is truncated; its partial turn still counts.
+      out_of_room = (s["phase"] == GEN) & (s["pos"] >= T)
+      s = _truncate(s, out_of_room)
+      gen = s["phase"] == GEN
+      feed = s["phase"] == FEED
+      live = gen | feed
+
+      # 1. Each generating row chooses its next token; each feeding row takes its next reply
+      #    token. Every live row advances by exactly one token per iteration.
+      tok, logp = jax.vmap(sample)(k_sample, s["next_logits"])
+      n_in_turn = s["pos"] - s["turn_start"]
+      sampled = jnp.ones((B,), bool)
+      if c.force_expert:
+        tok = s["forced"][b_idx, jnp.clip(n_in_turn, 0, A - 1)]
+        sampled = jnp.zeros((B,), bool)
+      force_eot = n_in_turn >= A - 1
+      force_think = jnp.zeros((B,), bool)
+      if c.think_budget is not None:
+        force_think = s["in_think"] & (s["think_n"] >= c.think_budget) & ~force_eot
+        tok = jnp.where(force_think, think_close, tok)
+      tok = jnp.where(force_eot, eot, tok)
+      sampled = sampled & ~force_eot & ~force_think & gen
+      if c.think_budget is not None:
+        opened = (s["in_think"] | (tok == think_open)) & (tok != think_close)
+        s["think_n"] = jnp.where(gen, jnp.where(s["in_think"] & opened, s["think_n"] + 1, 0),
+                                 s["think_n"])
+        s["in_think"] = jnp.where(gen, opened, s["in_think"])
+      reply_tok = s["reply"][b_idx, jnp.clip(s["reply_i"], 0, R - 1)]
+      tok = jnp.where(feed, reply_tok, tok)
+
+      pos_w = jnp.where(live, s["pos"], T)  # T: out of range, the write is dropped
+      s["tokens"] = s["tokens"].at[b_idx, pos_w].set(tok, mode="drop")
+      s["loss_mask"] = s["loss_mask"].at[b_idx, pos_w].set(sampled, mode="drop")
+      s["turn"] = s["turn"].at[b_idx, pos_w].set(jnp.where(gen, s["k"], -1), mode="drop")
+      s["logprob"] = s["logprob"].at[b_idx, pos_w].set(jnp.where(sampled, logp, 0.0),
+                                                       mode="drop")
+
+      # 2. One-token decode for all live rows.
+      logits, s["cache"] = model(params, tok[:, None], pos_w[:, None], s["cache"])
+      s["next_logits"] = jnp.where(live[:, None], logits[:, 0], s["next_logits"])
+      s["pos"] = s["pos"] + live.astype(jnp.int32)
+
+      # A row that fed the last token of its reply starts its next turn.
+      s["reply_i"] = s["reply_i"] + feed.astype(jnp.int32)
+      fed_all = feed & (s["reply_i"] >= s["reply_n"])
+      s["phase"] = jnp.where(fed_all, GEN, s["phase"])
+      s["turn_start"] = jnp.where(fed_all, s["pos"], s["turn_start"])
+      s["in_think"] = jnp.where(fed_all, False, s["in_think"])
+      s["think_n"] = jnp.where(fed_all, 0, s["think_n"])
+
+      # 3. Step the environment for rows whose turn just ended (only the environment's part
+      #    of the carry goes through the cond, so the KV cache is never copied by it).
+      ended = gen & (tok == eot)
+      env_part = {name: s[name] for name in _ENV_FIELDS}
+      env_part = jax.lax.cond(jnp.any(ended), lambda e: _env_step(e, ended, k_env),
+                              lambda e: e, env_part)
+      s.update(env_part)
+      s["it"] = s["it"] + 1
+      return s
+
+    def _env_step(s, ended, k_env):
+      s = dict(s)
+      last = s["pos"] - 1
+      length = s["pos"] - s["turn_start"]
+      window = jax.vmap(lambda row, start: jax.lax.dynamic_slice(row, (start,), (A,)))(
+          jnp.pad(s["tokens"], ((0, 0), (0, A))), s["turn_start"])
+      action = envs_base.Action(jnp.where(jnp.arange(A) < length[:, None], window, V.PAD_ID),
+                                length.astype(jnp.int32))
+      new_state, obs, reward, done, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+          k_env, s["env_state"], action, env_params)
+      sel = lambda new, old: jax.vmap(jnp.where)(ended, new, old)
+      s["env_state"] = jax.tree.map(sel, new_state, s["env_state"])
+      s["info"] = jax.tree.map(sel, info, s["info"])
+
+      k_onehot = jax.nn.one_hot(s["k"], K, dtype=bool) & ended[:, None]
+      s["turn_end"] = jnp.where(k_onehot, last[:, None], s["turn_end"])
+      s["turn_reward"] = jnp.where(k_onehot, reward[:, None], s["turn_reward"])
+      s["turn_valid"] = s["turn_valid"] | k_onehot
+      s["k"] = s["k"] + ended.astype(jnp.int32)
+
+      env_truncated = info["truncated"]
+      terminated = ended & done & ~env_truncated
+      out_of_turns = ended & ~terminated & (env_truncated | (s["k"] >= K))
+      no_room = ended & ~terminated & ~out_of_turns & (s["pos"] + obs.length >= T)
+      s["done"] = s["done"] | terminated
+      s["truncated"] = s["truncated"] | out_of_turns | no_room
+      stop = terminated | out_of_turns | no_room
+      s["phase"] = jnp.where(ended, jnp.where(stop, DONE, FEED), s["phase"])
+      s["reply"] = jnp.where(ended[:, None], obs.tokens, s["reply"])
+      s["reply_n"] = jnp.where(ended, obs.length, s["reply_n"])
+      s["reply_i"] = jnp.where(ended, 0, s["reply_i"])
+      if c.force_expert:
+        expert_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(k_env)
+        new_forced = _expert_tokens(env, expert_keys, s["env_state"], env_params, A)
+        s["forced"] = jnp.where(ended[:, None], new_forced, s["forced"])
+      return s
+
+    s = jax.lax.while_loop(cond, body, carry)
+    # Rows still generating when the iteration bound hit (cannot happen: every iteration
+    # advances each live row) would be truncated here; keep the contract regardless.
+    s = _truncate(s, s["phase"] != DONE)
+    return Trajectory(
+        tokens=s["tokens"], loss_mask=s["loss_mask"], turn=s["turn"],
+        sampler_logprob=s["logprob"], turn_end=s["turn_end"], turn_reward=s["turn_reward"],
+        turn_valid=s["turn_valid"], done=s["done"], truncated=s["truncated"], info=s["info"])
+
+  def rollout(params, key, env_params=None) -> Trajectory:
+    reset_keys, sample_keys = rollout_keys(key, c.num_envs, c.group_size)
+    return rows(params, reset_keys, sample_keys, env_params)
+
+  rollout.rows = rows
+  rollout.config = c
+  rollout.max_turns = K
+  return rollout
+
+
+def _truncate(s: dict[str, Any], which: jax.Array) -> dict[str, Any]:
+  """End rows `which` [B] as truncated; a started, unfinished turn becomes a valid turn."""
+  s = dict(s)
+  K = s["turn_valid"].shape[1]
+  started = which & (s["pos"] > s["turn_start"]) & (s["phase"] == GEN) & (s["k"] < K)
+  k_onehot = jax.nn.one_hot(s["k"], K, dtype=bool) & started[:, None]
+  s["turn_end"] = jnp.where(k_onehot, (s["pos"] - 1)[:, None], s["turn_end"])
+  s["turn_valid"] = s["turn_valid"] | k_onehot
+  s["k"] = s["k"] + started.astype(jnp.int32)
+  s["truncated"] = s["truncated"] | (which & (s["phase"] != DONE))
+  s["phase"] = jnp.where(which, DONE, s["phase"])
+  return s
+
+
+def _expert_tokens(env, keys, env_state, env_params, width: int) -> jax.Array:
+  """[B, width] expert action tokens, padded (the budget check guarantees they fit)."""
+  action = jax.vmap(env.expert, in_axes=(0, 0, None))(keys, env_state, env_params)
+  toks = action.tokens[:, :width]
+  pad = width - toks.shape[1]
+  return jnp.pad(toks, ((0, 0), (0, pad))) if pad > 0 else toks

@@ -1,0 +1,299 @@
+"""The fused rollout: contract, exact replies, logprobs, budgets, forcing, sharding, Python tools."""
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mtrl_jax import rollout as R
+from mtrl_jax import types
+from mtrl_jax import vocab as V
+from mtrl_jax.envs import python_tool, registry
+from mtrl_jax.envs.base import Action
+from mtrl_jax.envs import tools as T
+from mtrl_jax.models import transformer as tf
+
+ENVS = ("calculator", "search", "clarify")
+BASE = R.RolloutConfig(num_envs=6, group_size=2, max_len=160, turn_budget=24)
+
+
+def model_for(env):
+  cfg = tf.ModelConfig(vocab_size=env.vocab.size, d_model=32, num_layers=1, num_heads=2,
+                       num_kv_heads=1, mlp_dim=64)
+  params = tf.init_params(cfg, jax.random.key(0))
+  return cfg, params
+
+
+@functools.lru_cache(maxsize=None)
+def setup(env_name, **env_overrides):
+  env, env_params = registry.make(env_name, **env_overrides)
+  cfg, params = model_for(env)
+  return env, env_params, cfg, params
+
+
+@functools.lru_cache(maxsize=None)
+def run(env_name, key=1, **rollout_overrides):
+  """Jitted rollout of `env_name` (random tiny policy unless force_expert), cached per config."""
+  env, env_params, cfg, params = setup(env_name)
+  config = dataclasses.replace(BASE, **rollout_overrides)
+  rollout = jax.jit(R.make_rollout(env, cfg, config))
+  return jax.tree.map(np.asarray, rollout(params, jax.random.key(key), env_params))
+
+
+def turn_spans(traj, b):
+  """[(start, end_inclusive)] of each valid turn of row b."""
+  spans = []
+  for k in range(traj.turn_valid.shape[1]):
+    pos = np.nonzero(traj.turn[b] == k)[0]
+    if pos.size:
+      spans.append((int(pos[0]), int(pos[-1])))
+  return spans
+
+
+@pytest.mark.parametrize("env_name", ENVS)
+@pytest.mark.parametrize("force_expert", [False, True])
+def test_trajectory_contract_and_exact_replies(env_name, force_expert):
+  env, env_params, _, _ = setup(env_name)
+  traj = run(env_name, force_expert=force_expert)
+  B, T_, K = BASE.batch_size, BASE.max_len, env.max_turns
+  chex.assert_shape([traj.tokens, traj.loss_mask, traj.turn, traj.sampler_logprob], (B, T_))
+  chex.assert_shape([traj.turn_end, traj.turn_reward, traj.turn_valid], (B, K))
+  types.check_trajectory(traj)
+  assert np.all(traj.done | traj.truncated)
+
+  reset_keys, _ = R.rollout_keys(jax.random.key(1), BASE.num_envs, BASE.group_size)
+  step = jax.jit(env.step)
+  for b in range(B):
+    # Rows of a group share the environment instance: the same prompt.
+    g0 = (b // BASE.group_size) * BASE.group_size
+    state, prompt = env.reset(reset_keys[b], env_params)
+    n = int(prompt.length)
+    np.testing.assert_array_equal(traj.tokens[b, :n], np.asarray(prompt.tokens[:n]))
+    np.testing.assert_array_equal(traj.tokens[b, :n], traj.tokens[g0, :n])
+    spans = turn_spans(traj, b)
+    for k, (s, e) in enumerate(spans):
+      tokens = np.zeros((BASE.turn_budget,), np.int32)
+      tokens[: e - s + 1] = traj.tokens[b, s:e + 1]
+      action = T.pad_to(tokens, BASE.turn_budget)
+      # Replay the turn with two different keys: the reply must not depend on the key, and
+      # must be exactly the tokens that follow the turn in the row.
+      act = Action(tokens=action, length=jnp.int32(e - s + 1))
+      new_state, obs, reward, done, _ = step(jax.random.key(7), state, act, env_params)
+      _, obs_other_key, _, _, _ = step(jax.random.key(8), state, act, env_params)
+      chex.assert_trees_all_equal(obs, obs_other_key)
+      state = new_state
+      m = int(obs.length)
+      np.testing.assert_array_equal(traj.tokens[b, e + 1:e + 1 + m], np.asarray(obs.tokens[:m]))
+      assert traj.turn_reward[b, k] == pytest.approx(float(reward))
+      if k + 1 < len(spans):
+        assert spans[k + 1][0] == e + 1 + m, "the next turn starts right after the reply"
+      else:
+        assert bool(done) == bool(traj.done[b] or (traj.truncated[b] and done))
+    # loss_mask: exactly the sampled tokens. Forced tokens: the whole turn under forcing, and
+    # an <eot> in the last slot of a turn that used its whole budget.
+    for s, e in spans:
+      mask = traj.loss_mask[b, s:e + 1]
+      if force_expert:
+        assert not mask.any()
+        continue
+      forced_eot = (e - s + 1 == BASE.turn_budget) and traj.tokens[b, e] == env.vocab.eot_id
+      assert mask[:-1].all() and mask[-1] == (not forced_eot)
+    assert not traj.loss_mask[b][traj.turn[b] < 0].any()
+
+
+@pytest.mark.parametrize("env_name", ENVS)
+def test_expert_forcing_reproduces_expert_success(env_name):
+  traj = run(env_name, force_expert=True)
+  assert traj.info["success"].all(), "the noise-free expert must solve every episode"
+  assert traj.done.all() and not traj.truncated.any()
+  np.testing.assert_allclose(traj.turn_reward.sum(-1), 1.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprob_matches_teacher_forced_forward(temperature):
+  env, _, cfg, params = setup("calculator")
+  traj = run("calculator", temperature=temperature)
+  logits, _, _ = jax.jit(lambda p, t: tf.apply(dataclasses.replace(cfg, value_head=False), p, t))(
+      params, jnp.asarray(traj.tokens))
+  banned = jnp.asarray(R.never_sampled_mask(env.vocab, cfg.vocab_size))
+  logp = R.sampling_log_probs(logits[:, :-1], banned, temperature=temperature)
+  token_logp = np.take_along_axis(np.asarray(logp), traj.tokens[:, 1:, None], -1)[..., 0]
+  mask = traj.loss_mask[:, 1:]
+  assert mask.sum() > 100
+  np.testing.assert_allclose(token_logp[mask], traj.sampler_logprob[:, 1:][mask], atol=1e-4)
+  # And the temperature matters: scoring at temperature 1 disagrees when sampling was at 0.7.
+  if temperature != 1.0:
+    logp1 = R.sampling_log_probs(logits[:, :-1], banned, temperature=1.0)
+    t1 = np.take_along_axis(np.asarray(logp1), traj.tokens[:, 1:, None], -1)[..., 0]
+    assert np.abs(t1[mask] - traj.sampler_logprob[:, 1:][mask]).max() > 1e-2
+
+
+def test_turn_and_think_budgets_are_never_exceeded():
+  env, _, _, _ = setup("calculator")
+  budget, think = 8, 2
+  traj = run("calculator", temperature=4.0, turn_budget=budget, think_budget=think, num_envs=32)
+  types.check_trajectory(traj)
+  think_open, think_close = env.vocab.id(V.THINK_OPEN), env.vocab.id(V.THINK_CLOSE)
+  forced_close = forced_eot = 0
+  for b in range(traj.tokens.shape[0]):
+    for s, e in turn_spans(traj, b):
+      assert e - s + 1 <= budget
+      if e - s + 1 == budget:
+        forced_eot += not traj.loss_mask[b, e]
+      inside = None
+      for t in range(s, e + 1):
+        tok = traj.tokens[b, t]
+        if inside is not None:
+          if tok == think_close:
+            forced_close += not traj.loss_mask[b, t]
+            inside = None
+            continue
+          if tok == env.vocab.eot_id:  # the turn (budget) ended inside the think block
+            break
+          inside += 1
+          assert inside <= think, f"row {b}: {inside} thinking tokens"
+        elif tok == think_open:
+          inside = 0
+  assert forced_close > 0 and forced_eot > 0, "the budgets were never exercised"
+
+
+def test_context_truncation_keeps_the_contract():
+  env, _, _, _ = setup("calculator")
+  tight = env.prompt_len + BASE.turn_budget + env.reply_len
+  traj = run("calculator", max_len=tight)
+  types.check_trajectory(traj)
+  assert traj.truncated.any()
+  assert (traj.tokens != V.PAD_ID).sum(-1).max() <= tight
+
+
+def test_greedy_is_deterministic_across_keys_within_a_group():
+  traj = run("calculator", greedy=True)
+  G = BASE.group_size
+  for g in range(BASE.num_envs):
+    np.testing.assert_array_equal(traj.tokens[g * G], traj.tokens[g * G + 1])
+
+
+@pytest.mark.parametrize("overrides, setting", [
+    (dict(max_len=20), "max_len"),
+    (dict(turn_budget=1), "turn_budget"),
+    (dict(turn_budget=5, force_expert=True), "turn_budget"),
+    (dict(think_budget=30), "think_budget"),
+    (dict(max_turns=99), "max_turns"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(num_envs=0), "num_envs"),
+])
+def test_budget_errors_name_the_setting(overrides, setting):
+  env, _, cfg, _ = setup("calculator")
+  with pytest.raises(R.BudgetError, match=f"rollout.{setting}"):
+    R.make_rollout(env, cfg, dataclasses.replace(BASE, **overrides))
+
+
+def test_deterministic_and_compiles_once():
+  env, env_params, cfg, params = setup("calculator")
+  traces = []
+  inner = R.make_rollout(env, cfg, BASE)
+
+  @jax.jit
+  def rollout(p, key):
+    traces.append(1)
+    return inner(p, key, env_params)
+
+  a = rollout(params, jax.random.key(3))
+  b = rollout(params, jax.random.key(3))
+  c = rollout(params, jax.random.key(4))
+  chex.assert_trees_all_equal(a, b)
+  assert not np.array_equal(a.tokens, c.tokens)
+  assert len(traces) == 1
+
+
+def test_row_depends_only_on_its_key():
+  """A row's episode is the same whatever else is in the batch (per-row PRNG keys)."""
+  env, env_params, cfg, params = setup("calculator")
+  ro = R.make_rollout(env, cfg, BASE)
+  reset, sample = R.rollout_keys(jax.random.key(5), BASE.num_envs, BASE.group_size)
+  full = jax.jit(ro.rows)(params, reset, sample, env_params)
+  half = jax.jit(ro.rows)(params, reset[::2], sample[::2], env_params)
+  full = jax.tree.map(lambda x: x[::2], full)
+  np.testing.assert_array_equal(full.tokens, half.tokens)
+  # Log-probs agree to float rounding (a different batch shape blocks the matmuls differently).
+  chex.assert_trees_all_close(full, half, atol=1e-5)
+
+
+def test_sharded_over_8_devices_equals_single_device():
+  assert jax.device_count() >= 8, "conftest.py sets 8 CPU devices"
+  env, env_params, cfg, params = setup("search")
+  config = dataclasses.replace(BASE, num_envs=8, group_size=2)
+  ro = R.make_rollout(env, cfg, config)
+  reset, sample = R.rollout_keys(jax.random.key(6), config.num_envs, config.group_size)
+  single = jax.jit(ro.rows)(params, reset, sample, env_params)
+  mesh = jax.make_mesh((8,), ("data",))
+  sharded = jax.jit(jax.shard_map(
+      lambda p, r, s: ro.rows(p, r, s, env_params), mesh=mesh,
+      in_specs=(P(), P("data"), P("data")), out_specs=P("data"), check_vma=False))
+  rows = NamedSharding(mesh, P("data"))
+  out = sharded(params, jax.device_put(reset, rows), jax.device_put(sample, rows))
+  assert len(out.tokens.sharding.device_set) == 8
+  chex.assert_trees_all_close(single, out, atol=1e-5)
+  np.testing.assert_array_equal(single.tokens, out.tokens)
+
+
+def test_python_calculator_matches_eval_expression():
+  env, _, _, _ = setup("calculator")
+  calc = python_tool.python_calculator(env.max_tool_operands)
+  digit_of = T.table(env.vocab, V.DIGITS)
+  op_of = T.table(env.vocab, T.OPERATORS)
+  rng = np.random.default_rng(0)
+  alphabet = list(V.DIGITS) + ["+", "-", "*", "?", "calc"]
+  cases = [" ".join(rng.choice(alphabet, size=rng.integers(1, 14))) for _ in range(300)]
+  cases += ["9 9 9 9 9 9 9 9 9 9", "2 1 4 7 4 8 3 6 4 7", "- 2 1 4 7 4 8 3 6 4 7",
+            "6 5 5 3 6 * 6 5 5 3 6", "1 2 * - 3 + 4", "3 - - 4", "- - 3", "1 + 2 * 3 * 4 - 5"]
+  cases += [" ".join(rng.choice(list(V.DIGITS) + ["+", "-", "*"] * 3, size=15)) for _ in range(200)]
+  evaluate = jax.jit(lambda t, n: T.eval_expression(t, 0, n, digit_of, op_of, env.max_tool_operands))
+  for text in cases:
+    ids = env.vocab.encode(text)
+    value, ok, overflow = evaluate(T.pad_to(ids, 24), len(ids))
+    want = (" ".join(("-" if value < 0 else "") + str(abs(int(value)))) if ok else
+            "<error> overflow" if overflow else "<error> bad-argument")
+    assert calc(text) == want, text
+
+
+@pytest.mark.parametrize("force_expert, noise", [(False, 0.0), (True, 0.6)])
+def test_python_tool_path_equals_pure_jax_calculator(force_expert, noise):
+  env, env_params = registry.make("calculator", noise=noise)
+  cfg, params = model_for(env)
+  calls = []
+
+  def calc(args):
+    calls.append(args)
+    return python_tool.python_calculator(env.max_tool_operands)(args)
+
+  py_env = python_tool.PythonToolEnv(env, {"calc": calc})
+  config = dataclasses.replace(BASE, num_envs=16, group_size=1, force_expert=force_expert,
+                               temperature=1.5)
+  pure = jax.jit(R.make_rollout(env, cfg, config))(params, jax.random.key(9), env_params)
+  via_python = jax.jit(R.make_rollout(py_env, cfg, config))(params, jax.random.key(9), env_params)
+  chex.assert_trees_all_equal(pure, via_python)
+  if force_expert:
+    assert len(calls) >= 16, "the expert's calls went through Python"
+
+
+def test_python_tool_errors_become_replies():
+  env, env_params = registry.make("calculator")
+  cfg, params = model_for(env)
+
+  def broken(args):
+    raise RuntimeError("tool crashed")
+
+  py_env = python_tool.PythonToolEnv(env, {"calc": broken})
+  traj = jax.jit(R.make_rollout(py_env, cfg, dataclasses.replace(BASE, force_expert=True)))(
+      params, jax.random.key(1), env_params)
+  text = V.render_trajectory(traj, env.vocab, 0)
+  assert "<tool> <error> bad-argument <eot>" in text
+  with pytest.raises(ValueError, match="not symbols"):
+    python_tool.PythonToolEnv(env, {"grep": broken})

@@ -11,18 +11,21 @@ How one call runs (all static shapes, one `lax.while_loop`, no host round trip):
 
 1. `env.reset` (vmapped) gives each row its prompt; one chunked prefill call writes the whole
    prompt into the KV cache and yields the logits of the first agent token.
-2. Every loop iteration, each row is in one phase:
-   * GEN: sample one token from the logits of its previous token (or take a forced one, see
-     below), write it at the row's position and feed it to the model (one-token decode);
-   * FEED: write the pending environment reply into the row and feed it to the model in one
-     chunk of `env.reply_len` tokens (`loss_mask=False`, `turn=-1`);
-   * DONE: nothing.
+2. Every loop iteration, every live row advances by exactly one token, in one one-token model
+   call for the whole batch:
+   * GEN: sample a token from the logits of the row's previous token (or take a forced one,
+     see below) and write it at the row's position (`loss_mask=True`);
+   * FEED: write the next token of the pending environment reply (`loss_mask=False`,
+     `turn=-1`);
+   * DONE: nothing (its writes go to an out-of-range position and are dropped).
    Rows move independently: one row can be in its third turn while another is still reading
-   its first reply. An iteration in which no row feeds runs the one-token model call; one in
-   which some row feeds runs the chunk call (generating rows ride along with one real token).
+   its first reply. Replies are short (`env.reply_len` <= ~16), so feeding them token by token
+   keeps a single model-call shape per iteration instead of a `lax.cond` between a decode and a
+   chunk call (a cond around the KV cache costs copies of it).
 3. A turn ends when the row emits `<eot>`. Then `env.step` runs for the rows whose turn ended
-   (`lax.cond` on any: iterations with no finished turn do no environment work), its reward
-   goes to `turn_reward[k]`, and its reply becomes the row's pending FEED.
+   (`lax.cond` on any, over the environment's part of the carry only: iterations with no
+   finished turn do no environment work), its reward goes to `turn_reward[k]`, and its reply
+   becomes the row's pending FEED.
 
 Budgets (validated in `make_rollout`, errors name the setting):
 * `max_len` T: the whole row. A row that runs out of context is `truncated`.

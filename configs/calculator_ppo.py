@@ -1,0 +1,9 @@
+"""Calculator, SFT then PPO with the turn-level (trajectory) critic: the quickstart, longer."""
+
+from configs import quickstart
+
+
+def get_config():
+  config = quickstart.get_config()
+  config.train.steps = 200
+  return config

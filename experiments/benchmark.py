@@ -1,0 +1,353 @@
+"""Throughput benchmarks. One JSON object per line on stdout.
+
+    python -m experiments.benchmark envs [--batch 1024] [--steps 200] [--env NAME ...]
+
+    python -m experiments.benchmark rollout [--env NAME ...] [--model tiny small]
+        [--batch 8 64 256] [--repeats 3] [--no-host-loop] [--no-context-sweep]
+
+`envs`: vmapped, jitted environment steps per second for every registered environment (or the
+ones named). Timing runs `--steps` steps inside one `lax.scan` in one jitted call (so Python
+dispatch is excluded), after a warm-up call that compiles it; `block_until_ready` ends the
+clock. Two numbers per environment:
+
+* `steps_per_s`: `env.step` alone, on a fixed pool of actions cycled through (expert actions
+  from several points of an episode, a fifth of them cut short so they are malformed). No
+  resets: under `vmap` a finished episode costs exactly what a live one does (no
+  data-dependent control flow), so this is the cost of `step` itself. Every output of `step`
+  (reply tokens, reward, info) is reduced into a checksum so none of it is dead code.
+* `loop_steps_per_s`: the expert picks every action (`env.expert` + `env.step` + auto-reset):
+  a full scripted-rollout step.
+
+`rollout`: tokens/s and episodes/s of the fused rollout (`mtrl_jax.rollout`, one jitted call,
+compile excluded) and of a host-loop baseline built from the same pieces the way host-side
+frameworks run multi-turn rollouts (a jitted decode step per token called from Python, the
+environment stepped per row per turn in Python); `speedup` is their ratio. Then
+`decode_step` rows: the time of one one-token decode call vs the cache size (`max_len`) and
+the filled length (`filled`), which shows what dense masked attention over the static cache
+costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from mtrl_jax.envs import registry
+
+
+def _device() -> str:
+  d = jax.devices()[0]
+  kind = getattr(d, "device_kind", "") or ""
+  return d.platform if kind.lower() in ("", d.platform) else f"{d.platform}:{kind}"
+
+
+def _action_pool(env, params, key, batch: int, pool: int):
+  """[pool, batch] actions: expert turns from the first turns of episodes, some made malformed
+  by truncating them (drops the closing tag)."""
+  reset = jax.vmap(env.reset, in_axes=(0, None))
+  expert = jax.vmap(env.expert, in_axes=(0, 0, None))
+  step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+
+  @jax.jit
+  def collect(key):
+    k_reset, k_loop = jax.random.split(key)
+    state, _ = reset(jax.random.split(k_reset, batch), params)
+
+    def body(state, key):
+      k_exp, k_step, k_cut = jax.random.split(key, 3)
+      action = expert(jax.random.split(k_exp, batch), state, params)
+      cut = jax.random.uniform(k_cut, (batch,)) < 0.2
+      action = action.replace(length=jnp.where(cut, jnp.maximum(action.length - 2, 1),
+                                               action.length))
+      state, *_ = step(jax.random.split(k_step, batch), state, action, params)
+      return state, action
+
+    _, actions = jax.lax.scan(body, state, jax.random.split(k_loop, pool))
+    return actions
+
+  return collect(key)
+
+
+def _checksum(obs, reward, info):
+  """Consume every output of `step` so that XLA cannot drop any of its work as dead code."""
+  leaves = [obs.tokens, obs.length, reward] + jax.tree.leaves(info)
+  return sum(jnp.sum(x.astype(jnp.float32)) for x in leaves)
+
+
+def _autoreset(env, params, keys, state, done):
+  fresh, _ = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+  return jax.tree.map(lambda f, s: jnp.where(
+      done.reshape(done.shape + (1,) * (s.ndim - 1)), f, s), fresh, state)
+
+
+def bench_env(name: str, batch: int, steps: int, seed: int = 0) -> dict:
+  env, params = registry.make(name)
+  key = jax.random.PRNGKey(seed)
+  k_pool, k_reset, k_run = jax.random.split(key, 3)
+  pool = _action_pool(env, params, k_pool, batch, pool=max(env.max_turns, 4))
+  step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+  expert = jax.vmap(env.expert, in_axes=(0, 0, None))
+
+  @jax.jit
+  def run_steps(state, key):
+    def body(carry, i):
+      state, key, total = carry
+      key, k_step = jax.random.split(key)
+      action = jax.tree.map(lambda x: x[i % pool.length.shape[0]], pool)
+      state, obs, reward, _, info = step(jax.random.split(k_step, batch), state, action, params)
+      return (state, key, total + _checksum(obs, reward, info)), None
+    return jax.lax.scan(body, (state, key, jnp.float32(0)), jnp.arange(steps))[0]
+
+  @jax.jit
+  def run_loop(state, key):
+    def body(carry, _):
+      state, key, total = carry
+      key, k_exp, k_step, k_reset = jax.random.split(key, 4)
+      action = expert(jax.random.split(k_exp, batch), state, params)
+      state, obs, reward, done, info = step(jax.random.split(k_step, batch), state, action,
+                                            params)
+      state = _autoreset(env, params, jax.random.split(k_reset, batch), state, done)
+      return (state, key, total + _checksum(obs, reward, info)), None
+    return jax.lax.scan(body, (state, key, jnp.float32(0)), None, length=steps)[0]
+
+  state, _ = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(jax.random.split(k_reset, batch),
+                                                              params)
+  out = {"bench": "envs", "env": name, "batch": batch, "steps": steps}
+  for label, fn in (("steps_per_s", run_steps), ("loop_steps_per_s", run_loop)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(state, k_run))  # compile + warm up
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(state, k_run))
+    elapsed = time.perf_counter() - t0
+    out[label] = round(batch * steps / elapsed, 1)
+    out[label.replace("steps_per_s", "compile_s")] = round(compile_s, 2)
+  out["device"] = _device()
+  return out
+
+
+# --- rollout ---------------------------------------------------------------------------------
+
+def _host_loop_rollout(env, model_config, rc, params, key, env_params):
+  """The baseline: how host-side frameworks run multi-turn rollouts, from the same pieces.
+
+  A jitted one-token decode step (model + sampling) is called from Python for every token and
+  its result copied to the host; per-row bookkeeping is numpy; when a row's turn ends, the
+  environment is stepped for that row alone (a jitted single-episode `env.step`), and the
+  replies of all rows that need one are fed to the model in one jitted chunk call. Budgets and
+  forcing rules are the fused rollout's (minus thinking budgets), so both produce episodes of
+  the same kind; only where the loop runs differs.
+  """
+  import numpy as np
+
+  from mtrl_jax import rollout as R
+  from mtrl_jax.envs.base import Action
+  from mtrl_jax.models import transformer as tf
+
+  B, T, A = rc.batch_size, rc.max_len, rc.turn_budget
+  K = env.max_turns if rc.max_turns is None else rc.max_turns
+  eot = env.vocab.eot_id
+  banned = jnp.asarray(R.never_sampled_mask(env.vocab, model_config.vocab_size))
+  cfg = dataclasses.replace(model_config, value_head=False)
+  fns = _host_loop_fns(env, cfg, banned, rc.temperature)
+  reset_keys, sample_keys = R.rollout_keys(key, rc.num_envs, rc.group_size)
+  state, prompt = fns["reset"](reset_keys, env_params)
+  states = [jax.tree.map(lambda x: x[b], state) for b in range(B)]
+  lengths = np.asarray(prompt.length)
+  rows = [list(np.asarray(prompt.tokens[b, :lengths[b]])) for b in range(B)]
+  P = prompt.tokens.shape[1]
+  cache = tf.init_cache(cfg, B, T)
+  pos = jnp.where(jnp.arange(P) < prompt.length[:, None], jnp.arange(P), T)
+  last_logits, cache = fns["feed"](params, prompt.tokens, pos, cache)
+  pos = lengths.copy()
+  turn_start = pos.copy()
+  turns = np.zeros(B, np.int32)
+  active = np.ones(B, bool)
+  key = sample_keys[0]
+  while active.any():
+    key, k = jax.random.split(key)
+    tok, cache, last_logits = fns["decode"](params, last_logits, jnp.asarray(np.where(active, pos, T)), cache, k)
+    tok = np.asarray(tok)
+    ended = []
+    for b in np.nonzero(active)[0]:
+      t = int(tok[b]) if pos[b] - turn_start[b] < A - 1 else eot
+      rows[b].append(t)
+      pos[b] += 1
+      if t == eot:
+        ended.append(b)
+      elif pos[b] >= T:
+        active[b] = False
+    replies = {}
+    for b in ended:
+      n = pos[b] - turn_start[b]
+      action = Action(jnp.asarray(np.pad(rows[b][-n:], (0, A - n))), jnp.int32(n))
+      states[b], obs, reward, done, _ = fns["step"](jax.random.key(b), states[b], action, env_params)
+      turns[b] += 1
+      m = int(obs.length)
+      if bool(done) or turns[b] >= K or pos[b] + m >= T:
+        active[b] = False
+      else:
+        replies[b] = np.asarray(obs.tokens[:m])
+    if replies:
+      R_ = env.reply_len
+      chunk = np.zeros((B, R_), np.int32)
+      cpos = np.full((B, R_), T, np.int32)
+      for b, r in replies.items():
+        chunk[b, :len(r)] = r
+        cpos[b, :len(r)] = np.arange(pos[b], pos[b] + len(r))
+        rows[b].extend(r.tolist())
+        pos[b] += len(r)
+        turn_start[b] = pos[b]
+      logits, cache = fns["feed"](params, jnp.asarray(chunk), jnp.asarray(cpos), cache)
+      fed = np.zeros(B, bool)
+      fed[list(replies)] = True
+      last_logits = jnp.where(jnp.asarray(fed)[:, None], logits, last_logits)
+  return sum(len(r) for r in rows)
+
+
+_HOST_FNS = {}
+
+
+def _host_loop_fns(env, cfg, banned, temperature):
+  from mtrl_jax import rollout as R
+  from mtrl_jax.models import transformer as tf
+  key = (id(env), cfg, temperature)
+  if key in _HOST_FNS:
+    return _HOST_FNS[key]
+
+  @jax.jit
+  def feed(params, tokens, pos, cache):
+    logits, _, cache = tf.apply(cfg, params, tokens, pos, cache=cache)
+    n = jnp.sum(pos < cache.max_len, axis=1)
+    return logits[jnp.arange(tokens.shape[0]), jnp.maximum(n - 1, 0)], cache
+
+  @jax.jit
+  def decode(params, last_logits, pos, cache, key):
+    logp = R.sampling_log_probs(last_logits, banned, temperature=temperature)
+    tok = jax.random.categorical(key, logp).astype(jnp.int32)
+    logits, _, cache = tf.apply(cfg, params, tok[:, None], pos[:, None], cache=cache)
+    return tok, cache, logits[:, 0]
+
+  fns = dict(feed=feed, decode=decode, step=jax.jit(env.step),
+             reset=jax.jit(jax.vmap(env.reset, in_axes=(0, None))))
+  _HOST_FNS[key] = fns
+  return fns
+
+
+def bench_rollout(env_name: str, preset: str, batch: int, repeats: int, host_loop: bool,
+                  seed: int = 0) -> dict:
+  from mtrl_jax import rollout as R
+  from mtrl_jax import vocab as V
+  from mtrl_jax.models import transformer as tf
+
+  env, env_params = registry.make(env_name)
+  cfg = tf.model_config(preset, env.vocab.size)
+  params = tf.init_params(cfg, jax.random.key(seed))
+  rc = R.RolloutConfig(num_envs=batch, group_size=1, max_len=160, turn_budget=24)
+  fused = jax.jit(R.make_rollout(env, cfg, rc))
+  key = jax.random.key(seed + 1)
+  t0 = time.perf_counter()
+  traj = jax.block_until_ready(fused(params, key, env_params))
+  compile_s = time.perf_counter() - t0
+  times, tokens = [], 0
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    traj = jax.block_until_ready(fused(params, jax.random.fold_in(key, i), env_params))
+    times.append(time.perf_counter() - t0)
+    tokens += int((traj.tokens != V.PAD_ID).sum())
+  fused_s = sum(times)
+  out = {"bench": "rollout", "env": env_name, "model": preset, "params": cfg.num_params(),
+         "batch": batch, "max_len": rc.max_len, "compile_s": round(compile_s, 2),
+         "fused_tokens_per_s": round(tokens / fused_s, 1),
+         "fused_episodes_per_s": round(batch * repeats / fused_s, 2)}
+  if host_loop:
+    _host_loop_rollout(env, cfg, rc, params, key, env_params)  # compile its pieces
+    t0 = time.perf_counter()
+    host_tokens = sum(_host_loop_rollout(env, cfg, rc, params, jax.random.fold_in(key, i),
+                                         env_params) for i in range(repeats))
+    host_s = time.perf_counter() - t0
+    out.update(host_tokens_per_s=round(host_tokens / host_s, 1),
+               host_episodes_per_s=round(batch * repeats / host_s, 2),
+               speedup=round((tokens / fused_s) / (host_tokens / host_s), 2))
+  out["device"] = _device()
+  return out
+
+
+def bench_decode_step(preset: str, batch: int, max_len: int, filled: int, iters: int = 50,
+                      vocab_size: int = 128) -> dict:
+  """Time of one jitted one-token decode call at a given cache size and filled length."""
+  from mtrl_jax.models import transformer as tf
+  cfg = dataclasses.replace(tf.model_config(preset, vocab_size), value_head=False)
+  params = tf.init_params(cfg, jax.random.key(0))
+  cache = tf.init_cache(cfg, batch, max_len)
+
+  @jax.jit
+  def steps(params, cache):
+    def body(i, c):
+      _, _, c = tf.apply(cfg, params, jnp.ones((batch, 1), jnp.int32),
+                         jnp.full((batch, 1), filled, jnp.int32), cache=c)
+      return c
+    return jax.lax.fori_loop(0, iters, body, cache)
+
+  jax.block_until_ready(steps(params, cache))
+  t0 = time.perf_counter()
+  jax.block_until_ready(steps(params, cache))
+  per = (time.perf_counter() - t0) / iters
+  return {"bench": "decode_step", "model": preset, "batch": batch, "max_len": max_len,
+          "filled": filled, "ms_per_token_step": round(per * 1e3, 3),
+          "tokens_per_s": round(batch / per, 1), "device": _device()}
+
+
+def cmd_rollout(args) -> int:
+  for env_name in args.env or ["calculator", "search"]:
+    for preset in args.model:
+      for batch in args.batch:
+        print(json.dumps(bench_rollout(env_name, preset, batch, args.repeats,
+                                       host_loop=not args.no_host_loop)), flush=True)
+  if not args.no_context_sweep:
+    for max_len in (128, 256, 512, 1024):
+      for filled in sorted({16, max_len // 2, max_len - 1}):
+        print(json.dumps(bench_decode_step("tiny", 64, max_len, filled)), flush=True)
+  return 0
+
+
+def cmd_envs(args) -> int:
+  names = args.env or registry.list_envs()
+  for name in names:
+    print(json.dumps(bench_env(name, args.batch, args.steps, args.seed)), flush=True)
+  return 0
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("envs", help="vmapped, jitted environment steps per second")
+  p.add_argument("--batch", type=int, default=1024, help="parallel episodes (default 1024)")
+  p.add_argument("--steps", type=int, default=200, help="timed steps per call (default 200)")
+  p.add_argument("--env", action="append", choices=registry.list_envs(),
+                 help="environment to benchmark (repeatable; default all)")
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(fn=cmd_envs)
+  p = sub.add_parser("rollout", help="fused rollout vs a host-loop baseline; decode step vs "
+                                     "context length")
+  p.add_argument("--env", action="append", choices=registry.list_envs(),
+                 help="environment (repeatable; default calculator and search)")
+  p.add_argument("--model", nargs="+", default=["tiny", "small"], help="model presets")
+  p.add_argument("--batch", type=int, nargs="+", default=[8, 64, 256])
+  p.add_argument("--repeats", type=int, default=3, help="timed rollouts per setting")
+  p.add_argument("--no-host-loop", action="store_true", help="skip the host-loop baseline")
+  p.add_argument("--no-context-sweep", action="store_true", help="skip the decode-step sweep")
+  p.set_defaults(fn=cmd_rollout)
+  args = parser.parse_args(argv)
+  return args.fn(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,171 @@
+"""Main job: `python -m experiments.train --config configs/<name>.py [--workdir DIR]
+[--config.<key>=<value> ...]`.
+
+Runs supervised warm start on expert demonstrations (`config.sft.steps`), then multi-turn RL
+(`config.train.steps`), both as jitted steps of `mtrl_jax.train.make_train(config)`. Writes to
+the work directory (default `runs/<config name>`):
+
+* `metrics.jsonl` - one JSON object per logged step (`step`, `sft/*`, `train/*`, `eval/*`,
+  `perf/*`), and the same scalars as TensorBoard event files;
+* `checkpoints/` - orbax checkpoints every `config.train.checkpoint_every` steps (keep
+  `keep_checkpoints`); rerunning the same command resumes from the latest one, exactly;
+* `samples.txt` - conversations of the final policy (`▶` sampled tokens, in the loss; `│`
+  prompt, tool replies and forced tokens, masked);
+* `learning_curves.png`.
+
+With `config.train.num_seeds > 1` every step is `jax.vmap`-ed over seeds (the PureJaxRL idiom):
+metrics are the mean over seeds, with per-seed values under `<key>/seed<i>`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import cli
+from mtrl_jax import checkpoint as ckpt_lib
+from mtrl_jax import metrics as metrics_lib
+from mtrl_jax import train as train_lib
+from mtrl_jax import vocab as V
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>).")
+flags.mark_flags_as_required(["config"])
+
+PLOT_KEYS = ("sft/loss", "train/success_rate", "eval/success_rate", "train/return",
+             "train/entropy", "train/value_loss", "train/clip_frac", "train/tool_calls")
+
+
+def _host(metrics, num_seeds: int) -> dict[str, float]:
+  """Device metrics -> floats; with seeds, the mean plus `<key>/seed<i>`."""
+  out = {}
+  for k, v in metrics.items():
+    v = np.asarray(v, np.float64)
+    out[k] = float(v.mean())
+    if num_seeds > 1:
+      out.update({f"{k}/seed{i}": float(x) for i, x in enumerate(v.reshape(-1))})
+  return out
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  config = _CONFIG.value
+  name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+  workdir = _WORKDIR.value or os.path.join("runs", name)
+  try:  # Bad configs fail here, before anything compiles, with the offending key named.
+    trainer = train_lib.make_train(config)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  tc = config.train
+  seeds = int(tc.num_seeds)
+  if seeds < 1:
+    sys.exit(f"error: config.train.num_seeds must be >= 1, got {seeds}")
+  sft_steps, rl_steps = int(config.sft.steps), int(tc.steps)
+  total = sft_steps + rl_steps
+  env, mc = trainer.env, trainer.model_config
+  print(f"env {config.env.name}: vocab {env.vocab.size}, max turns {env.max_turns}; model "
+        f"{config.model.preset}: {mc.num_params():,} params; {trainer.rollout_config.batch_size} "
+        f"episodes/step; {seeds} seed(s); jax {jax.__version__} on {jax.devices()[0].platform}")
+  print(f"workdir {workdir}: {sft_steps} SFT steps, then {rl_steps} RL steps "
+        f"({config.algo.advantage})")
+
+  vmap = (lambda f: jax.vmap(f)) if seeds > 1 else (lambda f: f)
+  init = jax.jit(vmap(trainer.init))
+  start_rl = jax.jit(vmap(trainer.start_rl))
+  sft_step = jax.jit(vmap(lambda s: trainer.sft_step(s)))
+  rl_step = jax.jit(vmap(lambda s: trainer.train_step(s)))
+  evaluate = jax.jit(vmap(lambda p: trainer.evaluate(p, jax.random.key(config.seed + 1))))
+  seed_keys = jax.random.split(jax.random.key(config.seed), seeds)
+  seed_keys = seed_keys if seeds > 1 else seed_keys[0]
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               save_every=int(tc.checkpoint_every), keep=int(tc.keep_checkpoints))
+  step = ckpt.latest_step() or 0
+  if step:
+    template = init(seed_keys)
+    if step > sft_steps:
+      template = start_rl(template)
+    try:
+      state, meta = ckpt.restore(template, step)
+    except ckpt_lib.CheckpointError as e:
+      sys.exit(f"error: cannot resume from {workdir}: {e}")
+    print(f"resumed from step {step} ({meta.get('phase')})")
+  else:
+    state = init(seed_keys)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=step if step else None)
+  bar = metrics_lib.ProgressBar(total, initial=step, keys=(
+      "sft/loss", "train/success_rate", "eval/success_rate", "train/kl"))
+  log_every = max(1, int(tc.log_every))
+
+  def log(step, metrics, force=False):
+    if force or step % log_every == 0:
+      writer.write(step, metrics)
+    bar.update(step, metrics)
+
+  try:
+    while step < total:
+      t0 = time.perf_counter()
+      if step < sft_steps:
+        state, m = sft_step(state)
+        m = _host(m, seeds)
+        step += 1
+        m["perf/step_s"] = time.perf_counter() - t0
+        if step == sft_steps:  # end of SFT: evaluate the warm start, switch optimizers
+          state = start_rl(state)
+          m.update(_host(evaluate(state.params), seeds))
+        log(step, m, force=step == sft_steps)
+        phase = "sft" if step < sft_steps else "rl"
+      else:
+        if step == 0:  # no SFT: evaluate the initial policy first
+          state = start_rl(state)
+          log(0, _host(evaluate(state.params), seeds), force=True)
+        state, m = rl_step(state)
+        m = _host(m, seeds)
+        step += 1
+        dt = time.perf_counter() - t0
+        m["perf/step_s"] = dt
+        m["perf/tokens_per_s"] = m["train/sampled_tokens"] * seeds / dt
+        rl_done = step - sft_steps
+        eval_now = rl_done % int(tc.eval_every) == 0 or step == total
+        if eval_now:
+          m.update(_host(evaluate(state.params), seeds))
+        log(step, m, force=eval_now)
+        phase = "rl"
+      if step % int(tc.checkpoint_every) == 0 or step == total:
+        ckpt.save(step, state, {"phase": phase, "config": config.to_dict()}, force=True)
+  finally:
+    bar.close()
+    ckpt.wait()
+    writer.close()
+
+  # The end: rendered conversations of the final policy and the learning curves.
+  params = jax.tree.map(lambda x: x[0], state.params) if seeds > 1 else state.params
+  traj = jax.jit(trainer.eval_rollout)(params["policy"], jax.random.key(config.seed + 2),
+                                       trainer.env_params)
+  samples = [V.render_trajectory(traj, env.vocab, row)
+             for row in range(min(int(config.num_samples), traj.batch_size))]
+  with open(os.path.join(workdir, "samples.txt"), "w") as f:
+    f.write("\n\n".join(samples) + "\n")
+  png = metrics_lib.plot_learning_curves(os.path.join(workdir, "metrics.jsonl"),
+                                         os.path.join(workdir, "learning_curves.png"),
+                                         keys=PLOT_KEYS)
+  final = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  evals = [r for r in final if r.get("eval/success_rate") is not None]
+  if evals:
+    print(f"eval success: warm start {evals[0]['eval/success_rate']:.2f} -> final "
+          f"{evals[-1]['eval/success_rate']:.2f} (greedy, {config.train.eval_envs} episodes)")
+  print(f"samples: {os.path.join(workdir, 'samples.txt')}; curves: {png}")
+  print(samples[0])
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

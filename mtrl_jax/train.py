@@ -1,0 +1,414 @@
+"""Training: `make_train(config)` -> pure functions of a `TrainState`; building from a config.
+
+A config (see `configs/`) has sections `env`, `model`, `rollout`, `algo`, `optim`, `sft`,
+`train`; each builder validates its section and raises `ValueError` naming the offending key
+before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtrl_jax import rollout as rollout_lib
+from mtrl_jax import vocab as V
+from mtrl_jax.envs import base as envs_base
+from mtrl_jax.envs import demos as envs_demos
+from mtrl_jax.envs import registry
+from mtrl_jax.models import transformer as tf
+from mtrl_jax.rl import advantages, losses
+
+
+def _as_dict(section: Any) -> dict[str, Any]:
+  return dict(section.to_dict() if hasattr(section, "to_dict") else section)
+
+
+def build_env(section: Mapping[str, Any]) -> tuple[envs_base.Environment, Any]:
+  """`config.env` = {name, **overrides} -> (env, env_params)."""
+  kwargs = _as_dict(section)
+  if "name" not in kwargs:
+    raise ValueError(f"config.env.name is missing; known environments: {registry.list_envs()}")
+  name = kwargs.pop("name")
+  try:
+    return registry.make(name, **kwargs)
+  except ValueError as e:
+    raise ValueError(f"config.env: {e}") from None
+
+
+def build_model_config(section: Mapping[str, Any], vocab_size: int) -> tf.ModelConfig:
+  """`config.model` = {preset, **ModelConfig overrides} -> ModelConfig."""
+  kwargs = _as_dict(section)
+  preset = kwargs.pop("preset", "tiny")
+  try:
+    return tf.model_config(preset, vocab_size, **kwargs)
+  except ValueError as e:
+    raise ValueError(f"config.model: {e}") from None
+
+
+def build_rollout_config(section: Mapping[str, Any]) -> rollout_lib.RolloutConfig:
+  """`config.rollout` = RolloutConfig fields -> RolloutConfig (unknown keys are errors)."""
+  kwargs = _as_dict(section)
+  fields = {f.name for f in dataclasses.fields(rollout_lib.RolloutConfig)}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f"config.rollout: unknown keys {unknown}; valid keys: {sorted(fields)}")
+  return rollout_lib.RolloutConfig(**kwargs)
+
+
+# --- the trainer ------------------------------------------------------------------------------
+
+ADVANTAGES = ("turn_gae", "token_gae", "grpo", "rloo")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly: a pytree (checkpointed as is).
+
+  params: {'policy': ..., ['critic': ...]}; opt_state: optax state of the current phase;
+  ref_params: frozen policy params for the KL term (the SFT result); step: [] int32 updates
+  done in this phase; rng: PRNG key for the next step.
+  """
+
+  params: Any
+  opt_state: Any
+  ref_params: Any
+  step: jax.Array
+  rng: jax.Array
+
+
+def _check_algo(algo, rollout_config: rollout_lib.RolloutConfig) -> None:
+  if algo.advantage not in ADVANTAGES:
+    raise ValueError(f"config.algo.advantage={algo.advantage!r}; expected one of {ADVANTAGES}")
+  if algo.advantage in ("grpo", "rloo") and rollout_config.group_size < 2:
+    raise ValueError(f"config.algo.advantage={algo.advantage!r} needs "
+                     f"config.rollout.group_size >= 2, got {rollout_config.group_size}")
+  if algo.dynamic_sampling and rollout_config.group_size < 2:
+    raise ValueError("config.algo.dynamic_sampling needs config.rollout.group_size >= 2")
+  if rollout_config.batch_size % algo.minibatches:
+    raise ValueError(f"config.rollout batch ({rollout_config.batch_size} episodes) is not "
+                     f"divisible by config.algo.minibatches={algo.minibatches}")
+  if algo.loss_agg not in losses.AGGREGATION_MODES:
+    raise ValueError(f"config.algo.loss_agg={algo.loss_agg!r}; expected one of "
+                     f"{losses.AGGREGATION_MODES}")
+  if algo.kl_coef and algo.kl_kind not in losses.KL_KINDS:
+    raise ValueError(f"config.algo.kl_kind={algo.kl_kind!r}; expected one of {losses.KL_KINDS}")
+
+
+class Trainer:
+  """`make_train(config)`: pure, jittable functions of a `TrainState`.
+
+  * `init(key) -> TrainState` (fresh model, SFT optimizer)
+  * `sft_step(state, key) -> (state, metrics)`: behaviour cloning on freshly generated (noisy)
+    expert demonstrations, loss on the expert's tokens only.
+  * `start_rl(state) -> TrainState`: freeze the reference policy, fresh RL optimizer.
+  * `train_step(state, key) -> (state, metrics)`: rollout -> one forward for old log-probs,
+    values and reference log-probs -> advantages -> `epochs` x `minibatches` clipped updates in
+    `lax.scan`. No host round trip.
+  * `evaluate(params, key) -> metrics`: greedy rollouts.
+  * `train(key) -> (state, metrics)`: the whole run (SFT then RL) in one `lax.scan` each;
+    `jax.vmap(train)(keys)` trains several seeds at once.
+  """
+
+  def __init__(self, config, *, num_devices: int = 1, axis_name: str | None = None):
+    """`num_devices` > 1 with `axis_name`: each device runs `train_step` on its slice of the
+    episodes inside `jax.shard_map` (see `mtrl_jax.sharding`); reductions that define the
+    loss (token counts, advantage statistics, gradients, metrics) are summed over `axis_name`,
+    so the update equals the single-device one."""
+    self.config = config
+    self.num_devices, self.axis_name = int(num_devices), axis_name
+    self.env, self.env_params = build_env(config.env)
+    self.model_config = build_model_config(config.model, self.env.vocab.size)
+    self.rollout_config = build_rollout_config(config.rollout)
+    self.algo = config.algo
+    _check_algo(self.algo, self.rollout_config)
+    rc = self.rollout_config
+    if rc.num_envs % self.num_devices:
+      raise ValueError(f"config.rollout.num_envs={rc.num_envs} is not divisible by the "
+                       f"{self.num_devices} devices of the data axis")
+    local = rc.num_envs // self.num_devices
+    if (local * rc.group_size) % self.algo.minibatches:
+      raise ValueError(f"per-device batch {local * rc.group_size} is not divisible by "
+                       f"config.algo.minibatches={self.algo.minibatches}")
+    self.rollout = rollout_lib.make_rollout(self.env, self.model_config,
+                                            dataclasses.replace(rc, num_envs=local))
+    self.eval_rollout = rollout_lib.make_rollout(
+        self.env, self.model_config,
+        dataclasses.replace(self.rollout_config, num_envs=config.train.eval_envs, group_size=1,
+                            greedy=True))
+    self.banned = jnp.asarray(rollout_lib.never_sampled_mask(self.env.vocab,
+                                                             self.model_config.vocab_size))
+    self.demo_params = self.env_params.replace(noise=config.sft.noise)
+    need = envs_demos.required_len(self.env)
+    if config.sft.steps and need > self.rollout_config.max_len:
+      raise ValueError(f"config.rollout.max_len={self.rollout_config.max_len} cannot hold an "
+                       f"expert episode ({need} tokens) for SFT")
+    self.sft_opt = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip),
+                               optax.adamw(config.sft.lr, weight_decay=config.optim.weight_decay))
+    schedule = optax.linear_schedule(0.0, config.optim.lr, max(1, config.optim.warmup))
+    self.rl_opt = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip),
+                              optax.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2,
+                                          weight_decay=config.optim.weight_decay))
+
+  # --- forward helpers -------------------------------------------------------------------------
+  def _sum(self, tree):
+    """Sum over the data axis when sharded (identity on one device)."""
+    if self.axis_name is None:
+      return tree
+    return jax.lax.psum(tree, self.axis_name)
+
+  def _log_probs(self, logits):
+    """[B, T, V] log-probs of the distribution the rollout samples from (no top-k/p)."""
+    return rollout_lib.sampling_log_probs(logits, self.banned,
+                                          temperature=self.rollout_config.temperature)
+
+  def _forward(self, params, tokens):
+    """(log-probs [B, T, V], token log-probs [B, T], values [B, T] or None).
+
+    Tokens the sampler can never emit (prompt/reply role headers, padding) have log-prob -inf;
+    they are set to 0 here, in the forward pass, so that masked-out positions cannot turn into
+    NaN gradients (0 * d exp(-inf - -inf)).
+    """
+    logits, values = tf.apply_actor_critic(self.model_config, params, tokens)
+    logp_all = self._log_probs(logits)
+    logp = losses.token_log_probs(logp_all, tokens)
+    return logp_all, jnp.where(jnp.isfinite(logp), logp, 0.0), values
+
+  # --- init / SFT --------------------------------------------------------------------------
+  def init(self, key) -> TrainState:
+    k_model, k_rng = jax.random.split(key)
+    params = tf.init_actor_critic(self.model_config, k_model,
+                                  separate_critic=self.algo.separate_critic)
+    return TrainState(params=params, opt_state=self.sft_opt.init(params),
+                      ref_params=params["policy"], step=jnp.int32(0), rng=k_rng)
+
+  def sft_step(self, state: TrainState, key=None):
+    rng, k_demo = jax.random.split(state.rng if key is None else key)
+    demos = envs_demos.demonstrations(self.env, self.demo_params, k_demo,
+                                      self.config.sft.batch_size, self.rollout_config.max_len)
+
+    def loss_fn(params):
+      _, logp, _ = self._forward(params, demos.tokens)
+      return -losses.aggregate(logp, demos.loss_mask, "token_mean")
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = self.sft_opt.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    state = state.replace(params=params, opt_state=opt_state, step=state.step + 1, rng=rng)
+    return state, {"sft/loss": loss, "sft/demo_success": jnp.mean(demos.info["success"])}
+
+  def start_rl(self, state: TrainState) -> TrainState:
+    return state.replace(opt_state=self.rl_opt.init(state.params),
+                         ref_params=state.params["policy"], step=jnp.int32(0))
+
+  # --- RL ------------------------------------------------------------------------------------
+  def train_step(self, state: TrainState, key=None):
+    algo, rc = self.algo, self.rollout_config
+    rng, k_roll, k_perm = jax.random.split(state.rng if key is None else key, 3)
+    reset_keys, sample_keys = rollout_lib.rollout_keys(k_roll, rc.num_envs, rc.group_size)
+    if self.axis_name is not None:  # this device's rows of the global batch
+      n = reset_keys.shape[0] // self.num_devices
+      start = jax.lax.axis_index(self.axis_name) * n
+      reset_keys = jax.lax.dynamic_slice_in_dim(reset_keys, start, n)
+      sample_keys = jax.lax.dynamic_slice_in_dim(sample_keys, start, n)
+      k_perm = jax.random.fold_in(k_perm, jax.lax.axis_index(self.axis_name))
+    traj = self.rollout.rows(state.params["policy"], reset_keys, sample_keys, self.env_params)
+    B, T = traj.tokens.shape
+    K = traj.turn_end.shape[1]
+
+    # One forward with the rollout's params: old log-probs, values, reference log-probs.
+    _, old_logp, values = self._forward(state.params, traj.tokens)
+    old_logp = jax.lax.stop_gradient(old_logp)
+    values = jnp.zeros((B, T)) if values is None else jax.lax.stop_gradient(values)
+    ref_logp = jnp.zeros_like(old_logp)
+    if algo.kl_coef:
+      ref_logits, _, _ = tf.apply(dataclasses.replace(self.model_config,
+                                                      value_head=not algo.separate_critic),
+                                  state.ref_params, traj.tokens)
+      ref_logp = losses.token_log_probs(self._log_probs(ref_logits), traj.tokens)
+      ref_logp = jnp.where(jnp.isfinite(ref_logp), ref_logp, 0.0)
+
+    mask = traj.loss_mask
+    if not algo.mask_replies:  # ablation: replies enter the loss too (Search-R1's point)
+      started = jnp.cumsum(traj.turn >= 0, axis=1) > 0
+      mask = mask | (started & (traj.turn < 0) & (traj.tokens != V.PAD_ID))
+
+    # Rewards: environment rewards per turn, plus shaping on the last turn.
+    turn_len = jnp.sum(traj.turn[:, :, None] == jnp.arange(K), axis=1)  # [B, K]
+    turn_start = jnp.maximum(traj.turn_end - turn_len + 1, 1)
+    rewards = traj.turn_reward
+    last_turn = jnp.maximum(jnp.sum(traj.turn_valid, axis=1) - 1, 0)
+    last_onehot = jax.nn.one_hot(last_turn, K) * traj.turn_valid
+    if algo.overlong_len:
+      penalty = advantages.overlong_penalty(jnp.sum(traj.loss_mask, axis=1), algo.overlong_len,
+                                            algo.overlong_cache)
+      rewards = rewards + penalty[:, None] * last_onehot
+    kl_tok = losses.kl_estimate(old_logp, ref_logp, algo.kl_kind) if algo.kl_coef else 0.0
+    if algo.kl_coef and algo.kl_in_reward:
+      kl_turn = jnp.sum(jnp.where(mask[:, :, None] & (traj.turn[:, :, None] == jnp.arange(K)),
+                                  kl_tok[:, :, None], 0.0), axis=1)
+      rewards = rewards - algo.kl_coef * kl_turn
+    returns = jnp.sum(rewards * traj.turn_valid, axis=1)  # [B]
+
+    # Advantages and value targets.
+    last_pos = jnp.maximum(jnp.sum(traj.tokens != V.PAD_ID, axis=1) - 1, 0)
+    bootstrap = values[jnp.arange(B), last_pos]
+    v_mask = jnp.zeros((B, T), bool)
+    v_target = jnp.zeros((B, T))
+    if algo.advantage == "turn_gae":
+      v_pos = turn_start - 1  # the token before a turn: the state the agent acts from
+      turn_values = jnp.take_along_axis(values, v_pos, axis=1)
+      adv_turn, ret_turn = advantages.turn_gae(rewards, turn_values, traj.turn_valid,
+                                               traj.done, bootstrap, algo.gamma_turn, algo.lam)
+      adv = advantages.broadcast_to_tokens(adv_turn, traj.turn)
+      rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, K))
+      v_pos_w = jnp.where(traj.turn_valid, v_pos, T)
+      v_mask = v_mask.at[rows, v_pos_w].set(True, mode="drop")
+      v_target = v_target.at[rows, v_pos_w].set(ret_turn, mode="drop")
+    elif algo.advantage == "token_gae":
+      tok_rewards = jnp.zeros((B, T)).at[
+          jnp.broadcast_to(jnp.arange(B)[:, None], (B, K)),
+          jnp.where(traj.turn_valid, traj.turn_end, T)].add(rewards, mode="drop")
+      prev_values = jnp.concatenate([jnp.zeros((B, 1)), values[:, :-1]], axis=1)
+      adv, ret = advantages.token_gae(tok_rewards, prev_values, mask, algo.gamma_turn, algo.lam,
+                                      traj.done, bootstrap)
+      # The value predicting token t's return sits at t - 1.
+      v_mask = jnp.concatenate([mask[:, 1:], jnp.zeros((B, 1), bool)], axis=1)
+      v_target = jnp.concatenate([ret[:, 1:], jnp.zeros((B, 1))], axis=1)
+    else:
+      seq_adv = (advantages.group_advantages(returns, rc.group_size,
+                                             scale_by_std=algo.scale_by_std)
+                 if algo.advantage == "grpo" else
+                 advantages.rloo_advantages(returns, rc.group_size))
+      adv = jnp.broadcast_to(seq_adv[:, None], (B, T))
+    if algo.normalize_adv and algo.advantage in ("turn_gae", "token_gae"):
+      n = jnp.maximum(self._sum(jnp.sum(mask)), 1)
+      mean = self._sum(jnp.sum(jnp.where(mask, adv, 0.0))) / n
+      std = jnp.sqrt(self._sum(jnp.sum(jnp.where(mask, (adv - mean) ** 2, 0.0))) / n)
+      adv = (adv - mean) / (std + 1e-6)
+    weights = jnp.ones((B,))
+    frac_kept = jnp.float32(1.0)
+    if algo.dynamic_sampling:
+      weights, frac_kept = advantages.dynamic_sampling_weights(returns, rc.group_size)
+    adv = jnp.where(mask, adv * weights[:, None], 0.0)
+    tis = jnp.ones((B, T))
+    if algo.tis_cap:
+      tis = losses.truncated_importance_weights(old_logp, traj.sampler_logprob,
+                                                traj.loss_mask, algo.tis_cap)
+
+    batch = dict(tokens=traj.tokens, mask=mask, adv=adv, old_logp=old_logp, ref_logp=ref_logp,
+                 old_values=values, v_mask=v_mask, v_target=v_target, tis=tis)
+    M = algo.minibatches
+    # Global-batch denominators: a device's minibatch loss is its share of the global one.
+    B_global = B * self.num_devices
+    denom = dict(num_tokens=jnp.maximum(self._sum(jnp.sum(mask)), 1) / M,
+                 num_seqs=B_global // M, max_len=T)
+    v_denom = dict(num_tokens=jnp.maximum(self._sum(jnp.sum(v_mask)), 1) / M,
+                   num_seqs=B_global // M, max_len=T)
+
+    def loss_fn(params, mb):
+      logp_all, logp, new_values = self._forward(params, mb["tokens"])
+      pg, clipped = losses.clipped_surrogate(
+          logp, mb["old_logp"], mb["adv"], eps_low=algo.eps_low, eps_high=algo.eps_high,
+          dual_clip=algo.dual_clip or None)
+      pg_loss = losses.aggregate(pg * mb["tis"], mb["mask"], algo.loss_agg, **denom)
+      entropy = losses.aggregate(losses.entropy_from_logits(logp_all), mb["mask"], "token_mean",
+                                 **denom)
+      total = pg_loss - algo.ent_coef * entropy
+      metrics = {"clip_frac": losses.aggregate(clipped.astype(jnp.float32), mb["mask"],
+                                               "token_mean", **denom),
+                 "entropy": entropy, "pg_loss": pg_loss}
+      if algo.kl_coef:
+        kl = losses.aggregate(losses.kl_estimate(logp, mb["ref_logp"], algo.kl_kind),
+                              mb["mask"], "token_mean", **denom)
+        metrics["kl"] = kl
+        if not algo.kl_in_reward:
+          total = total + algo.kl_coef * kl
+      if new_values is not None and algo.vf_coef:
+        vl = losses.value_loss(new_values, mb["old_values"], mb["v_target"],
+                               clip_eps=algo.value_clip or None)
+        vl = losses.aggregate(vl, mb["v_mask"], "token_mean", **v_denom)
+        total = total + algo.vf_coef * vl
+        metrics["value_loss"] = vl
+      return total, metrics
+
+    def minibatch_step(carry, mb):
+      params, opt_state, skipped = carry
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+      loss, metrics, grads = self._sum((loss, metrics, grads))
+      finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+          [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      updates, new_opt = self.rl_opt.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      # A non-finite loss or gradient skips the update (and is counted), never poisons params.
+      params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
+      opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt, opt_state)
+      metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+      return (params, opt_state, skipped + (~finite).astype(jnp.int32)), metrics
+
+    def epoch(carry, key):
+      perm = jax.random.permutation(key, B).reshape(M, B // M)
+      mbs = jax.tree.map(lambda x: x[perm], batch)
+      return jax.lax.scan(minibatch_step, carry, mbs)
+
+    (params, opt_state, skipped), metrics = jax.lax.scan(
+        epoch, (state.params, state.opt_state, jnp.int32(0)),
+        jax.random.split(k_perm, algo.epochs))
+    metrics = jax.tree.map(jnp.mean, metrics)
+
+    info = traj.info
+    n_sampled = jnp.maximum(self._sum(jnp.sum(traj.loss_mask)), 1)
+    mean = lambda x: self._sum(jnp.sum(x.astype(jnp.float32))) / B_global
+    out = {f"train/{k}": v for k, v in metrics.items()}
+    out.update({
+        "train/return": mean(returns),
+        "train/success_rate": mean(info["success"]),
+        "train/tool_calls": mean(info["num_tool_calls"]),
+        "train/format_errors": mean(info["format_errors"]),
+        "train/turns": mean(jnp.sum(traj.turn_valid, axis=1)),
+        "train/truncated": mean(traj.truncated),
+        "train/sampled_tokens": n_sampled.astype(jnp.float32),
+        "train/logprob_agreement": self._sum(jnp.sum(jnp.where(
+            traj.loss_mask, jnp.abs(old_logp - traj.sampler_logprob), 0.0))) / n_sampled,
+        "train/frac_groups_kept": self._sum(frac_kept) / self.num_devices,
+        "train/nan_skipped": skipped.astype(jnp.float32),
+    })
+    if not algo.kl_coef:
+      out["train/kl"] = jnp.float32(0.0)
+    if "train/value_loss" not in out:
+      out["train/value_loss"] = jnp.float32(0.0)
+    state = state.replace(params=params, opt_state=opt_state, step=state.step + 1, rng=rng)
+    return state, out
+
+  def evaluate(self, params, key):
+    traj = self.eval_rollout(params["policy"], key, self.env_params)
+    info = traj.info
+    return {
+        "eval/success_rate": jnp.mean(info["success"].astype(jnp.float32)),
+        "eval/return": jnp.mean(traj.returns),
+        "eval/tool_calls": jnp.mean(info["num_tool_calls"].astype(jnp.float32)),
+        "eval/turns": jnp.mean(jnp.sum(traj.turn_valid, axis=1).astype(jnp.float32)),
+    }
+
+  def train(self, key):
+    """The whole run as one pure function: SFT steps, then RL steps (`lax.scan` each).
+
+    Returns (final state, {'sft': metrics [sft.steps], 'rl': metrics [train.steps]}).
+    """
+    state = self.init(key)
+    state, sft_metrics = jax.lax.scan(lambda s, _: self.sft_step(s), state, None,
+                                      length=self.config.sft.steps)
+    state = self.start_rl(state)
+    state, rl_metrics = jax.lax.scan(lambda s, _: self.train_step(s), state, None,
+                                     length=self.config.train.steps)
+    return state, {"sft": sft_metrics, "rl": rl_metrics}
+
+
+def make_train(config) -> Trainer:
+  """Validate `config` (errors name the key, before any compilation) and build the trainer."""
+  return Trainer(config)
+

@@ -3,10 +3,15 @@
 from configs import quickstart
 
 
-def get_config():
-  config = quickstart.get_config()
-  config.rollout.num_envs, config.rollout.group_size = 8, 4
+def to_grpo(config, num_envs: int = 8, group_size: int = 4):
+  """Switch a PPO config to GRPO: groups of rollouts per prompt, no critic."""
+  config.rollout.num_envs, config.rollout.group_size = num_envs, group_size
   config.algo.advantage = "grpo"
   config.algo.vf_coef = 0.0
+  return config
+
+
+def get_config():
+  config = to_grpo(quickstart.get_config())
   config.train.steps = 200
   return config

@@ -1,11 +1,8 @@
 """Clarify, SFT then GRPO on the trajectory return."""
 
 from configs import clarify_ppo
+from configs.calculator_grpo import to_grpo
 
 
 def get_config():
-  config = clarify_ppo.get_config()
-  config.rollout.num_envs, config.rollout.group_size = 8, 4
-  config.algo.advantage = "grpo"
-  config.algo.vf_coef = 0.0
-  return config
+  return to_grpo(clarify_ppo.get_config())

@@ -60,6 +60,18 @@ class Observation:
 
 
 @flax.struct.dataclass
+class EnvParams:
+  """Dynamic parameters every environment has (subclass to add more).
+
+  noise: [] probability per expert turn of a realistic mistake. format_penalty: reward
+  subtracted per error reply.
+  """
+
+  noise: float = 0.0
+  format_penalty: float = 0.0
+
+
+@flax.struct.dataclass
 class EnvState:
   """Fields every environment state has; subclasses add their own after these.
 

@@ -56,13 +56,7 @@ from mtrl_jax.envs import tools as T
 RESULT_WIDTH = T.int_width(T.INT_MAX, negative=True)  # 11 tokens: any int32 tool result
 
 
-@flax.struct.dataclass
-class CalculatorParams:
-  """noise: [] probability per expert turn of a mistake. format_penalty: reward subtracted per
-  error reply."""
-
-  noise: float = 0.0
-  format_penalty: float = 0.0
+CalculatorParams = base.EnvParams
 
 
 @flax.struct.dataclass

@@ -69,13 +69,10 @@ _NOTHING = ("nothing", "else")
 
 
 @flax.struct.dataclass
-class ClarifyParams:
-  """noise: [] probability per expert turn of a mistake. ask_cost: reward subtracted per `<ask>`.
-  format_penalty: reward subtracted per error reply."""
+class ClarifyParams(base.EnvParams):
+  """`EnvParams` plus ask_cost: reward subtracted per `<ask>`."""
 
-  noise: float = 0.0
   ask_cost: float = 0.0
-  format_penalty: float = 0.0
 
 
 @flax.struct.dataclass

@@ -74,13 +74,7 @@ ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-@flax.struct.dataclass
-class SearchParams:
-  """noise: [] probability per expert turn of a mistake. format_penalty: reward subtracted per
-  error reply."""
-
-  noise: float = 0.0
-  format_penalty: float = 0.0
+SearchParams = base.EnvParams
 
 
 @flax.struct.dataclass

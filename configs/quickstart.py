@@ -35,9 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, warmup=5, b1=0.9, b2=0.999, grad_clip=1.0, weight_decay=0.0))
   # Supervised warm start on (noisy) expert demonstrations generated on the fly.
-  config.sft = ml_collections.ConfigDict(dict(steps=200, batch_size=32, lr=2e-3, noise=0.3))
+  config.sft = ml_collections.ConfigDict(dict(steps=300, batch_size=32, lr=1e-3, noise=0.3))
   config.train = ml_collections.ConfigDict(dict(
-      steps=80, eval_every=20, eval_envs=64, log_every=1, checkpoint_every=40,
+      steps=160, eval_every=20, eval_envs=64, log_every=1, checkpoint_every=40,
       keep_checkpoints=2, num_seeds=1))
   config.num_samples = 3  # conversations written to samples.txt
   return config

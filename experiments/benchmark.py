@@ -18,6 +18,8 @@ clock. Two numbers per environment:
 * `loop_steps_per_s`: the expert picks every action (`env.expert` + `env.step` + auto-reset):
   a full scripted-rollout step.
 
+    python -m experiments.benchmark train [--model tiny small] [--num-envs 32] [--seeds 8]
+
 `rollout`: tokens/s and episodes/s of the fused rollout (`mtrl_jax.rollout`, one jitted call,
 compile excluded) and of a host-loop baseline built from the same pieces the way host-side
 frameworks run multi-turn rollouts (a jitted decode step per token called from Python, the
@@ -25,6 +27,10 @@ environment stepped per row per turn in Python); `speedup` is their ratio. Then
 `decode_step` rows: the time of one one-token decode call vs the cache size (`max_len`) and
 the filled length (`filled`), which shows what dense masked attention over the static cache
 costs.
+
+`train`: the quickstart's full jitted train step (rollout, scoring, PPO updates): sampled
+tokens/s and approximate model FLOP/s as a fraction of a measured f32 matmul peak, for each
+model preset; then the tiny model vmapped over several seeds (compare `step_s` with 1 seed).
 """
 
 from __future__ import annotations
@@ -317,6 +323,74 @@ def cmd_rollout(args) -> int:
   return 0
 
 
+# --- train -----------------------------------------------------------------------------------
+
+def matmul_peak(n: int = 1024, iters: int = 20) -> float:
+  """Measured f32 matmul FLOP/s on this device: the reference for the train step's fraction."""
+  a = jax.random.normal(jax.random.key(0), (n, n))
+
+  @jax.jit
+  def chain(a):
+    return jax.lax.fori_loop(0, iters, lambda i, x: (x @ a) * (1.0 / n), a)
+
+  jax.block_until_ready(chain(a))
+  t0 = time.perf_counter()
+  jax.block_until_ready(chain(a))
+  return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def bench_train(preset: str, num_envs: int, repeats: int, seeds: int, peak: float) -> dict:
+  """Tokens/s and approximate model FLOP/s of the full jitted train step (quickstart config).
+
+  FLOPs are counted analytically from the parameter count P (attention scores excluded):
+  rollout 2*P per decoded token slot (every live row decodes once per loop iteration, over
+  at most T - prompt iterations), one scoring forward 2*P*B*T, and `epochs` updates of
+  6*P*B*T. With several seeds the step is vmapped over seeds.
+  """
+  from configs.quickstart import get_config
+  from mtrl_jax import train as train_lib
+
+  config = get_config()
+  config.model.preset = preset
+  config.rollout.num_envs = num_envs
+  trainer = train_lib.make_train(config)
+  P = trainer.model_config.num_params()
+  rc = trainer.rollout_config
+  B, T = rc.batch_size, rc.max_len
+  init = jax.jit(jax.vmap(lambda k: trainer.start_rl(trainer.init(k))))
+  step = jax.jit(jax.vmap(trainer.train_step))
+  state = init(jax.random.split(jax.random.key(0), seeds))
+  t0 = time.perf_counter()
+  state, m = jax.block_until_ready(step(state))
+  compile_s = time.perf_counter() - t0
+  times, tokens = [], 0.0
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state, m = jax.block_until_ready(step(state))
+    times.append(time.perf_counter() - t0)
+    tokens += float(jnp.sum(m["train/sampled_tokens"]))
+  dt = sum(times) / repeats
+  decode_slots = B * (T - trainer.env.prompt_len)
+  flops = seeds * (2 * P * decode_slots + 2 * P * B * T + 6 * P * B * T * config.algo.epochs)
+  return {"bench": "train", "model": preset, "params": P, "batch": B, "max_len": T,
+          "seeds": seeds, "compile_s": round(compile_s, 1), "step_s": round(dt, 3),
+          "sampled_tokens_per_s": round(tokens / repeats / dt, 1),
+          "approx_flops_per_s": round(flops / dt / 1e9, 2) * 1e9,
+          "matmul_peak_flops_per_s": round(peak / 1e9, 2) * 1e9,
+          "fraction_of_peak": round(flops / dt / peak, 4), "device": _device()}
+
+
+def cmd_train(args) -> int:
+  peak = matmul_peak()
+  print(json.dumps({"bench": "matmul_peak", "flops_per_s": round(peak / 1e9, 2) * 1e9,
+                    "device": _device()}), flush=True)
+  for preset in args.model:
+    print(json.dumps(bench_train(preset, args.num_envs, args.repeats, 1, peak)), flush=True)
+  for seeds in args.seeds:
+    print(json.dumps(bench_train("tiny", args.num_envs, args.repeats, seeds, peak)), flush=True)
+  return 0
+
+
 def cmd_envs(args) -> int:
   names = args.env or registry.list_envs()
   for name in names:
@@ -345,6 +419,13 @@ def main(argv=None) -> int:
   p.add_argument("--no-host-loop", action="store_true", help="skip the host-loop baseline")
   p.add_argument("--no-context-sweep", action="store_true", help="skip the decode-step sweep")
   p.set_defaults(fn=cmd_rollout)
+  p = sub.add_parser("train", help="full train step: tokens/s, FLOP/s vs matmul peak, seeds")
+  p.add_argument("--model", nargs="+", default=["tiny", "small"])
+  p.add_argument("--num-envs", type=int, default=32)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--seeds", type=int, nargs="+", default=[8],
+                 help="also time the tiny model vmapped over this many seeds")
+  p.set_defaults(fn=cmd_train)
   args = parser.parse_args(argv)
   return args.fn(args)
 

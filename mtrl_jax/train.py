@@ -264,7 +264,10 @@ class Trainer:
       turn_values = jnp.take_along_axis(values, v_pos, axis=1)
       adv_turn, ret_turn = advantages.turn_gae(rewards, turn_values, traj.turn_valid,
                                                traj.done, bootstrap, algo.gamma_turn, algo.lam)
-      adv = advantages.broadcast_to_tokens(adv_turn, traj.turn)
+      # Each trained token takes the advantage of its turn; with mask_replies=False a reply
+      # token takes the advantage of the turn it answers (the last turn before it).
+      owner = jnp.where(mask, jax.lax.cummax(traj.turn, axis=1), -1)
+      adv = advantages.broadcast_to_tokens(adv_turn, owner)
       rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, K))
       v_pos_w = jnp.where(traj.turn_valid, v_pos, T)
       v_mask = v_mask.at[rows, v_pos_w].set(True, mode="drop")

@@ -91,7 +91,7 @@ def main(argv):
   step = ckpt.latest_step() or 0
   if step:
     template = init(seed_keys)
-    if step > sft_steps:
+    if step >= sft_steps:  # the state switched to the RL optimizer at step == sft_steps
       template = start_rl(template)
     try:
       state, meta = ckpt.restore(template, step)

@@ -297,3 +297,21 @@ def test_python_tool_errors_become_replies():
   assert "<tool> <error> bad-argument <eot>" in text
   with pytest.raises(ValueError, match="not symbols"):
     python_tool.PythonToolEnv(env, {"grep": broken})
+
+
+def test_sampling_log_probs_top_k_top_p_and_bans():
+  logits = jnp.log(jnp.asarray([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+  banned = jnp.asarray([True, False, False, False, False])
+  full = np.exp(np.asarray(R.sampling_log_probs(logits, banned)))[0]
+  np.testing.assert_allclose(full, np.array([0, 0.4, 0.1, 0.3, 0.15]) / 0.95, rtol=1e-5)
+  # top-k = 2 keeps the two most likely allowed tokens, renormalised.
+  k2 = np.exp(np.asarray(R.sampling_log_probs(logits, banned, top_k=2)))[0]
+  np.testing.assert_allclose(k2, [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0], rtol=1e-5)
+  # top-p = 0.8 keeps the smallest prefix (by probability) whose mass reaches 0.8:
+  # 0.42 + 0.32 = 0.74 < 0.8, so the third token (0.16) is kept too.
+  p8 = np.exp(np.asarray(R.sampling_log_probs(logits, banned, top_p=0.8)))[0]
+  kept = np.array([0, 0.4, 0, 0.3, 0.15]) / 0.85
+  np.testing.assert_allclose(p8, kept, rtol=1e-5)
+  # Temperature sharpens: T -> small puts almost all mass on the argmax.
+  cold = np.exp(np.asarray(R.sampling_log_probs(logits, banned, temperature=0.05)))[0]
+  assert cold[1] > 0.99

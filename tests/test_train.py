@@ -179,3 +179,39 @@ def test_batch_not_divisible_by_devices_is_an_error():
   c.rollout.num_envs = 6
   with pytest.raises(ValueError, match="num_envs=6 is not divisible"):
     sharding.sharded_trainer(c, sharding.data_mesh(4))
+
+
+def test_whole_run_as_one_function_equals_stepping():
+  """`Trainer.train(key)` (SFT then RL, each one lax.scan) == the steps called one by one."""
+  c = small_config()
+  c.sft.steps, c.train.steps = 2, 2
+  tr = train_lib.make_train(c)
+  key = jax.random.key(5)
+  final, metrics = jax.jit(tr.train)(key)
+  chex.assert_shape(metrics["sft"]["sft/loss"], (2,))
+  chex.assert_shape(metrics["rl"]["train/return"], (2,))
+  state = tr.init(key)
+  for _ in range(2):
+    state, _ = jax.jit(tr.sft_step)(state)
+  state = tr.start_rl(state)
+  for _ in range(2):
+    state, m = jax.jit(tr.train_step)(state)
+  chex.assert_trees_all_close(final.params, state.params, atol=1e-5)
+  np.testing.assert_allclose(metrics["rl"]["train/return"][-1], m["train/return"])
+
+
+@pytest.mark.slow
+def test_cli_resumes_across_the_sft_to_rl_boundary(tmp_path):
+  args = [sys.executable, "-m", "experiments.train", "--config", "configs/quickstart.py",
+          "--workdir", str(tmp_path), "--config.sft.steps=2", "--config.train.checkpoint_every=2",
+          "--config.rollout.num_envs=4", "--config.train.eval_envs=4",
+          "--config.sft.batch_size=4"]
+  first = subprocess.run(args + ["--config.train.steps=0"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
+  assert first.returncode == 0, first.stderr[-3000:]
+  second = subprocess.run(args + ["--config.train.steps=2"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resumed from step 2 (rl)" in second.stdout
+  steps = [r["step"] for r in metrics_lib.read_metrics(tmp_path / "metrics.jsonl")]
+  assert steps == [1, 2, 3, 4]

@@ -54,6 +54,27 @@ def _host(metrics, num_seeds: int) -> dict[str, float]:
   return out
 
 
+def _dataset_batches(config, trainer):
+  """Infinite iterator of (tokens, loss_mask) from `config.sft.dataset`; checks that it was
+  built for this environment's vocabulary."""
+  from mtrl_jax import data
+  try:
+    _, meta = data.load_demo_dataset(config.sft.data_dir, config.sft.dataset)
+  except ValueError as e:
+    sys.exit(f"error: config.sft.dataset: {e}")
+  if tuple(meta["vocab"]) != trainer.env.vocab.symbols:
+    sys.exit(f"error: config.sft.dataset {config.sft.dataset!r} was built for "
+             f"{meta['env_name']} with another vocabulary than config.env ({config.env.name})")
+  batches = data.demo_batches(config.sft.data_dir, config.sft.dataset, config.sft.batch_size,
+                              seed=config.seed)
+  return ((b["tokens"], b["loss_mask"]) for b in batches)
+
+
+def _seeded(arrays, seeds: int):
+  """The same batch for every seed (vmapped SFT), or as is for one seed."""
+  return arrays if seeds == 1 else tuple(np.broadcast_to(a, (seeds,) + a.shape) for a in arrays)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -81,6 +102,10 @@ def main(argv):
   init = jax.jit(vmap(trainer.init))
   start_rl = jax.jit(vmap(trainer.start_rl))
   sft_step = jax.jit(vmap(lambda s: trainer.sft_step(s)))
+  if config.sft.dataset:  # SFT batches from a TFDS demonstration dataset instead
+    batches = _dataset_batches(config, trainer)
+    sft_update = jax.jit(vmap(trainer.sft_update))
+    sft_step = lambda s: sft_update(s, *_seeded(next(batches), seeds))
   rl_step = jax.jit(vmap(lambda s: trainer.train_step(s)))
   evaluate = jax.jit(vmap(lambda p: trainer.evaluate(p, jax.random.key(config.seed + 1))))
   seed_keys = jax.random.split(jax.random.key(config.seed), seeds)
@@ -104,6 +129,9 @@ def main(argv):
   bar = metrics_lib.ProgressBar(total, initial=step, keys=(
       "sft/loss", "train/success_rate", "eval/success_rate", "train/kl"))
   log_every = max(1, int(tc.log_every))
+  if config.sft.dataset:  # resume: skip the batches the earlier run consumed
+    for _ in range(min(step, sft_steps)):
+      next(batches)
 
   def log(step, metrics, force=False):
     if force or step % log_every == 0:

@@ -187,19 +187,27 @@ class Trainer:
                       ref_params=params["policy"], step=jnp.int32(0), rng=k_rng)
 
   def sft_step(self, state: TrainState, key=None):
+    """Behaviour cloning on `sft.batch_size` freshly generated (noisy) expert episodes."""
     rng, k_demo = jax.random.split(state.rng if key is None else key)
     demos = envs_demos.demonstrations(self.env, self.demo_params, k_demo,
                                       self.config.sft.batch_size, self.rollout_config.max_len)
+    state, metrics = self.sft_update(state.replace(rng=rng), demos.tokens, demos.loss_mask)
+    return state, dict(metrics, **{"sft/demo_success": jnp.mean(demos.info["success"])})
+
+  def sft_update(self, state: TrainState, tokens, loss_mask):
+    """One behaviour-cloning step on given demonstrations (e.g. a batch of a TFDS dataset from
+    `mtrl_jax.data.demo_batches`). tokens: [B, T] int32; loss_mask: [B, T] bool, the expert's
+    tokens. Loss: mean negative log-likelihood over those tokens."""
 
     def loss_fn(params):
-      _, logp, _ = self._forward(params, demos.tokens)
-      return -losses.aggregate(logp, demos.loss_mask, "token_mean")
+      _, logp, _ = self._forward(params, tokens)
+      return -losses.aggregate(logp, loss_mask, "token_mean")
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = self.sft_opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    state = state.replace(params=params, opt_state=opt_state, step=state.step + 1, rng=rng)
-    return state, {"sft/loss": loss, "sft/demo_success": jnp.mean(demos.info["success"])}
+    state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    return state, {"sft/loss": loss}
 
   def start_rl(self, state: TrainState) -> TrainState:
     return state.replace(opt_state=self.rl_opt.init(state.params),

@@ -215,3 +215,19 @@ def test_cli_resumes_across_the_sft_to_rl_boundary(tmp_path):
   assert "resumed from step 2 (rl)" in second.stdout
   steps = [r["step"] for r in metrics_lib.read_metrics(tmp_path / "metrics.jsonl")]
   assert steps == [1, 2, 3, 4]
+
+
+def test_sft_from_a_tfds_dataset(tmp_path):
+  from mtrl_jax import data
+  tr, _, _, _ = trainer_and_fns()
+  builder = data.build_demo_dataset(tmp_path, "calculator", 16, tr.rollout_config.max_len,
+                                    noise=0.3)
+  batch = next(data.demo_batches(tmp_path, builder.builder_config.name, 8, seed=0))
+  update = jax.jit(tr.sft_update)
+  state = tr.init(jax.random.key(6))
+  losses_seen = []
+  for _ in range(3):
+    state, m = update(state, batch["tokens"], batch["loss_mask"])
+    losses_seen.append(float(m["sft/loss"]))
+  assert losses_seen[2] < losses_seen[1] < losses_seen[0], losses_seen
+  assert int(state.step) == 3

@@ -70,11 +70,6 @@ def _dataset_batches(config, trainer):
   return ((b["tokens"], b["loss_mask"]) for b in batches)
 
 
-def _seeded(arrays, seeds: int):
-  """The same batch for every seed (vmapped SFT), or as is for one seed."""
-  return arrays if seeds == 1 else tuple(np.broadcast_to(a, (seeds,) + a.shape) for a in arrays)
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -104,8 +99,10 @@ def main(argv):
   sft_step = jax.jit(vmap(lambda s: trainer.sft_step(s)))
   if config.sft.dataset:  # SFT batches from a TFDS demonstration dataset instead
     batches = _dataset_batches(config, trainer)
-    sft_update = jax.jit(vmap(trainer.sft_update))
-    sft_step = lambda s: sft_update(s, *_seeded(next(batches), seeds))
+    # Every seed trains on the same batch: vmap over the state only.
+    sft_update = jax.jit(jax.vmap(trainer.sft_update, in_axes=(0, None, None))
+                         if seeds > 1 else trainer.sft_update)
+    sft_step = lambda s: sft_update(s, *next(batches))
   rl_step = jax.jit(vmap(lambda s: trainer.train_step(s)))
   evaluate = jax.jit(vmap(lambda p: trainer.evaluate(p, jax.random.key(config.seed + 1))))
   seed_keys = jax.random.split(jax.random.key(config.seed), seeds)

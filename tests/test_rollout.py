@@ -83,7 +83,7 @@ def test_trajectory_contract_and_exact_replies(env_name, force_expert):
       # Replay the turn with two different keys: the reply must not depend on the key, and
       # must be exactly the tokens that follow the turn in the row.
       act = Action(tokens=action, length=jnp.int32(e - s + 1))
-      new_state, obs, reward, done, _ = step(jax.random.key(7), state, act, env_params)
+      new_state, obs, reward, done, info = step(jax.random.key(7), state, act, env_params)
       _, obs_other_key, _, _, _ = step(jax.random.key(8), state, act, env_params)
       chex.assert_trees_all_equal(obs, obs_other_key)
       state = new_state
@@ -93,7 +93,9 @@ def test_trajectory_contract_and_exact_replies(env_name, force_expert):
       if k + 1 < len(spans):
         assert spans[k + 1][0] == e + 1 + m, "the next turn starts right after the reply"
       else:
-        assert bool(done) == bool(traj.done[b] or (traj.truncated[b] and done))
+        # The last turn: the row is `done` exactly when the environment terminated it (not
+        # when it truncated it at its turn limit, and not when the context ran out).
+        assert bool(traj.done[b]) == (bool(done) and not bool(info["truncated"]))
     # loss_mask: exactly the sampled tokens. Forced tokens: the whole turn under forcing, and
     # an <eot> in the last slot of a turn that used its whole budget.
     for s, e in spans:

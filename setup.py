@@ -26,6 +26,7 @@ EXTRAS = {
         "pytest>=9.2,<10",
         "pytest-xdist>=3.8,<4",
         "hypothesis>=6.170,<7",
+        "rank-bm25>=0.2.2,<0.3",  # reference BM25 for the retrieval environment's ranker
     ],
 }
 

@@ -5,9 +5,8 @@ train step on its slice of the episode batch - its own rollout, with no cross-de
 inside the rollout - and the quantities that define the update (token counts, advantage
 statistics, gradients, metrics) are summed over the `data` axis. Row keys are derived from the
 global batch and sliced per device, so a sharded step sees exactly the episodes the
-single-device step sees and computes the same update up to float summation order.
-
-Known difference: DAPO dynamic-sampling weights are renormalised per device, not globally.
+single-device step sees and computes the same update up to float summation order (DAPO's
+dynamic-sampling weights included: they are renormalised over the global batch).
 """
 
 from __future__ import annotations

@@ -240,6 +240,7 @@ class Trainer:
       ref_logp = losses.token_log_probs(self._log_probs(ref_logits), traj.tokens)
       ref_logp = jnp.where(jnp.isfinite(ref_logp), ref_logp, 0.0)
 
+    B_global = B * self.num_devices
     mask = traj.loss_mask
     if not algo.mask_replies:  # ablation: replies enter the loss too (Search-R1's point)
       started = jnp.cumsum(traj.turn >= 0, axis=1) > 0
@@ -305,6 +306,10 @@ class Trainer:
     frac_kept = jnp.float32(1.0)
     if algo.dynamic_sampling:
       weights, frac_kept = advantages.dynamic_sampling_weights(returns, rc.group_size)
+      if self.axis_name is not None:  # renormalise over the global batch, not this device's
+        kept = weights > 0
+        num_kept = self._sum(jnp.sum(kept))
+        weights = jnp.where(kept, B_global / jnp.maximum(num_kept, 1).astype(jnp.float32), 0.0)
     adv = jnp.where(mask, adv * weights[:, None], 0.0)
     tis = jnp.ones((B, T))
     if algo.tis_cap:
@@ -315,7 +320,6 @@ class Trainer:
                  old_values=values, v_mask=v_mask, v_target=v_target, tis=tis)
     M = algo.minibatches
     # Global-batch denominators: a device's minibatch loss is its share of the global one.
-    B_global = B * self.num_devices
     denom = dict(num_tokens=jnp.maximum(self._sum(jnp.sum(mask)), 1) / M,
                  num_seqs=B_global // M, max_len=T)
     v_denom = dict(num_tokens=jnp.maximum(self._sum(jnp.sum(v_mask)), 1) / M,

@@ -43,4 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
       steps=160, eval_every=20, eval_envs=64, log_every=1, checkpoint_every=40,
       keep_checkpoints=2, num_seeds=1))
   config.num_samples = 3  # conversations written to samples.txt
+  # Start from the params of another run's latest checkpoint (its workdir), e.g. an SFT-only run
+  # of `python -m experiments.sft`; they are also the KL reference. Same model settings needed.
+  config.init_from = ""
   return config

@@ -15,6 +15,9 @@ the work directory (default `runs/<config name>`):
 
 With `config.train.num_seeds > 1` every step is `jax.vmap`-ed over seeds (the PureJaxRL idiom):
 metrics are the mean over seeds, with per-seed values under `<key>/seed<i>`.
+
+`config.init_from=DIR` starts from the params of the latest checkpoint in another run's workdir
+(e.g. an SFT-only run of `python -m experiments.sft`), which are then also the KL reference.
 """
 
 from __future__ import annotations
@@ -70,12 +73,41 @@ def _dataset_batches(config, trainer):
   return ((b["tokens"], b["loss_mask"]) for b in batches)
 
 
-def main(argv):
+def _init_from(source: str, init, start_rl, seed_keys):
+  """Params of the latest checkpoint in the run directory `source` (or its `checkpoints/`)."""
+  directory = os.path.join(source, "checkpoints")
+  directory = directory if os.path.isdir(directory) else source
+  if not os.path.isdir(directory):
+    sys.exit(f"error: config.init_from={source!r} is not a directory")
+  ckpt = ckpt_lib.Checkpointer(directory, save_every=1, keep=1)
+  step = ckpt.latest_step()
+  if step is None:
+    sys.exit(f"error: config.init_from={source!r} has no checkpoint")
+  # A finished SFT phase was saved with the RL optimizer, an unfinished one with the SFT one.
+  template = init(seed_keys)
+  errors = []
+  for t in (start_rl(template), template):
+    try:
+      state, meta = ckpt.restore(t, step)
+      break
+    except ckpt_lib.CheckpointError as e:
+      errors.append(str(e))
+  else:
+    sys.exit(f"error: config.init_from={source!r}: its checkpoint does not fit this config's "
+             f"model and seeds:\n{errors[0]}")
+  ckpt.close()
+  print(f"initialised from {directory} step {step} ({meta.get('phase')})")
+  return template.replace(params=state.params)
+
+
+def main(argv, *, sft_only: bool = False):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config = _CONFIG.value
+  if sft_only:
+    config.train.steps = 0
   name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-  workdir = _WORKDIR.value or os.path.join("runs", name)
+  workdir = _WORKDIR.value or os.path.join("runs", name + ("_sft" if sft_only else ""))
   try:  # Bad configs fail here, before anything compiles, with the offending key named.
     trainer = train_lib.make_train(config)
   except ValueError as e:
@@ -85,6 +117,8 @@ def main(argv):
   if seeds < 1:
     sys.exit(f"error: config.train.num_seeds must be >= 1, got {seeds}")
   sft_steps, rl_steps = int(config.sft.steps), int(tc.steps)
+  if sft_only and sft_steps < 1:
+    sys.exit(f"error: config.sft.steps={sft_steps}: experiments.sft needs at least one step")
   total = sft_steps + rl_steps
   env, mc = trainer.env, trainer.model_config
   print(f"env {config.env.name}: vocab {env.vocab.size}, max turns {env.max_turns}; model "
@@ -120,6 +154,8 @@ def main(argv):
     except ckpt_lib.CheckpointError as e:
       sys.exit(f"error: cannot resume from {workdir}: {e}")
     print(f"resumed from step {step} ({meta.get('phase')})")
+  elif config.init_from:
+    state = _init_from(config.init_from, init, start_rl, seed_keys)
   else:
     state = init(seed_keys)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=step if step else None)
@@ -136,6 +172,9 @@ def main(argv):
     bar.update(step, metrics)
 
   try:
+    if total == 0:  # nothing to train: evaluate the initial (e.g. `init_from`) policy
+      state = start_rl(state)
+      log(0, _host(evaluate(state.params), seeds), force=True)
     while step < total:
       t0 = time.perf_counter()
       if step < sft_steps:

@@ -14,7 +14,8 @@ One module, two paths over the same weights:
   order without gaps; a position `>= cache length` marks a padding token whose write is
   dropped (use it for rows with nothing to feed in a chunk).
 
-Architecture knobs (`ModelConfig`): RoPE theta, RMSNorm, grouped-query attention
+Architecture knobs (`ModelConfig`): RoPE theta (and Llama-3 frequency scaling), RMSNorm,
+grouped-query attention
 (`num_heads`, `num_kv_heads`), optional q/k/v bias (Qwen2), optional per-head q/k RMSNorm
 (Qwen3), SwiGLU MLP, tied or untied LM head, param and compute dtypes, a scalar value head on
 the final hidden state. RoPE uses the Hugging Face "rotate half" layout so checkpoints load
@@ -50,6 +51,7 @@ import numpy as np
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _NEG_INF = -1e9  # finite: a query with no visible key gets a uniform (not NaN) softmax
+ROPE_TYPES = ("default", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,12 @@ class ModelConfig:
     head_dim: width of one head; default `d_model // num_heads`.
     mlp_dim: hidden width of the SwiGLU MLP.
     rope_theta: RoPE base frequency.
+    rope_type: "default" (plain RoPE) or "llama3" (Llama 3.1+ frequency scaling, with the four
+      fields below; what Hugging Face calls `rope_scaling` / `rope_parameters`).
+    rope_factor: llama3: wavelengths beyond the original context are divided by this.
+    rope_low_freq_factor: llama3: `original_max_len / low_freq_factor` is the long-wavelength edge.
+    rope_high_freq_factor: llama3: `original_max_len / high_freq_factor` is the short edge.
+    rope_original_max_len: llama3: the context length the model was pre-trained at.
     norm_eps: RMSNorm epsilon.
     qkv_bias: bias on the q/k/v projections (Qwen2 / Qwen2.5).
     qk_norm: RMSNorm over each head of q and k before RoPE (Qwen3).
@@ -83,6 +91,11 @@ class ModelConfig:
   head_dim: int | None = None
   mlp_dim: int = 256
   rope_theta: float = 10000.0
+  rope_type: str = "default"
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   norm_eps: float = 1e-6
   qkv_bias: bool = False
   qk_norm: bool = False
@@ -110,6 +123,17 @@ class ModelConfig:
                        "(RoPE rotates pairs)")
     if self.rope_theta <= 0:
       raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"ModelConfig.rope_type={self.rope_type!r}; expected one of {ROPE_TYPES}")
+    if self.rope_type == "llama3":
+      if not self.rope_factor > 0 or self.rope_original_max_len <= 0:
+        raise ValueError("ModelConfig.rope_factor and rope_original_max_len must be > 0 for "
+                         f"rope_type='llama3', got {self.rope_factor}, "
+                         f"{self.rope_original_max_len}")
+      if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+        raise ValueError("ModelConfig needs 0 < rope_low_freq_factor < rope_high_freq_factor "
+                         f"for rope_type='llama3', got {self.rope_low_freq_factor}, "
+                         f"{self.rope_high_freq_factor}")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of "
@@ -199,10 +223,38 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, HF rotate-half layout. x: [B, S, H, D]; positions: [B, S] int."""
+def rope_inv_freq(config: ModelConfig) -> np.ndarray | None:
+  """[head_dim / 2] float32 RoPE inverse frequencies for a scaled RoPE, None for plain RoPE.
+
+  llama3 (as Hugging Face's `_compute_llama3_parameters`): wavelengths longer than
+  `original_max_len / low_freq_factor` are divided by `factor`, those shorter than
+  `original_max_len / high_freq_factor` are kept, and the band between is interpolated.
+  """
+  if config.rope_type == "default":
+    return None
+  d = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+  factor, lo, hi = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+  old = float(config.rope_original_max_len)
+  wavelen = 2 * np.pi / inv
+  scaled = np.where(wavelen > old / lo, inv / factor, inv)
+  smooth = (old / wavelen - lo) / (hi - lo)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
+               inv_freq: np.ndarray | None = None) -> jax.Array:
+  """Rotary embedding, HF rotate-half layout. x: [B, S, H, D]; positions: [B, S] int.
+
+  `inv_freq` [D/2] overrides the frequencies `theta ** (-2i / D)` (scaled RoPE, see
+  `rope_inv_freq`)."""
   d = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+  if inv_freq is None:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+  else:
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D/2]
   cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
   sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
@@ -242,8 +294,9 @@ class Block(nn.Module):
     if cfg.qk_norm:
       q = RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype, name="q_norm")(q)
       k = RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype, name="k_norm")(k)
-    q = apply_rope(q, positions, cfg.rope_theta)
-    k = apply_rope(k, positions, cfg.rope_theta)
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions, cfg.rope_theta, inv_freq)
+    k = apply_rope(k, positions, cfg.rope_theta, inv_freq)
 
     k = k.transpose(0, 2, 1, 3)  # [B, KV, S, D]
     v = v.transpose(0, 2, 1, 3)

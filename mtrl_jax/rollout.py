@@ -48,6 +48,11 @@ Expert forcing (`config.force_expert=True`): instead of sampling, every turn rep
 `env.expert`'s action token by token (for evaluation of the expert through exactly the same
 loop, and for tests). Forced turns have `loss_mask=False`.
 
+Real tokenizers: `env.vocab` is any `vocab.TokenizerAdapter` with `eot_id`, `size`, symbol
+lookups (`in`, `id`) and optionally `never_sampled_ids()`; `mtrl_jax.models.chat.ChatTokenizer`
+is the Hugging Face one (ids of a real tokenizer, turn ended by `<|im_end|>` / `<|eot_id|>`).
+Rows are padded with id 0 whatever the tokenizer.
+
 Determinism: every row carries its own PRNG key, so a row's episode depends only on its key,
 not on the batch size, the layout or the number of devices.
 """
@@ -159,10 +164,17 @@ def validate(env: envs_base.Environment, model_config: tf.ModelConfig, c: Rollou
   return k
 
 
-def never_sampled_mask(vocab: V.Vocab, vocab_size: int) -> np.ndarray:
-  """[V] bool: True for ids the policy may not emit (control tokens, ids beyond the vocab)."""
+def never_sampled_mask(vocab: V.TokenizerAdapter, vocab_size: int) -> np.ndarray:
+  """[V] bool: True for ids the policy may not emit (control tokens, ids beyond the vocab).
+
+  A tokenizer adapter with a `never_sampled_ids()` method (a real tokenizer's role headers,
+  `mtrl_jax.models.chat.ChatTokenizer`) names its own; a symbol `Vocab` bans `NEVER_SAMPLED`.
+  """
   mask = np.zeros((vocab_size,), bool)
-  mask[[vocab.id(s) for s in NEVER_SAMPLED if s in vocab]] = True
+  if hasattr(vocab, "never_sampled_ids"):
+    mask[list(vocab.never_sampled_ids())] = True
+  else:
+    mask[[vocab.id(s) for s in NEVER_SAMPLED if s in vocab]] = True
   mask[vocab.size:] = True
   return mask
 
@@ -220,6 +232,7 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
   if c.think_budget is not None:
     think_open, think_close = vocab.id(V.THINK_OPEN), vocab.id(V.THINK_CLOSE)
   banned = jnp.asarray(never_sampled_mask(vocab, model_config.vocab_size))
+  empty_idle_actions = bool(getattr(env, "empty_idle_actions", False))
   policy_cfg = dataclasses.replace(model_config, value_head=False)
 
   def model(params, tokens, positions, cache):
@@ -342,6 +355,11 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
       s = dict(s)
       last = s["pos"] - 1
       length = s["pos"] - s["turn_start"]
+      if empty_idle_actions:
+        # Rows whose turn did not end are stepped too (vmap) and their results discarded; an
+        # environment that asks for it gets an empty action for them, so that its host tools
+        # can skip them (`env.empty_idle_actions = True`, e.g. `envs.json_tool`).
+        length = jnp.where(ended, length, 0)
       window = jax.vmap(lambda row, start: jax.lax.dynamic_slice(row, (start,), (A,)))(
           jnp.pad(s["tokens"], ((0, 0), (0, A))), s["turn_start"])
       action = envs_base.Action(jnp.where(jnp.arange(A) < length[:, None], window, V.PAD_ID),

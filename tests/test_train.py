@@ -129,6 +129,41 @@ def test_vmapped_seeds_equal_separate_runs():
     np.testing.assert_allclose(vm["train/entropy"][i], m["train/entropy"], atol=1e-5)
 
 
+def test_short_rl_run_raises_success_above_the_sft_start():
+  """The default suite's learning check (~1.5 min on 2 cores): a weak SFT start on easy
+  calculator tasks, then 20 PPO steps (turn-level critic), raise the *sampled* success rate
+  (256 episodes at temperature 1, the same keys before and after) by more than 0.15. Measured
+  when written with 30 steps, seeds 0/1/2: 0.24 -> 0.76, 0.30 -> 0.56, 0.16 -> 0.50; the
+  training success of seed 0 passes 0.6 by step 10."""
+  c = get_config()
+  c.env.update(dict(num_digits=1, num_operands=2))
+  c.rollout.update(dict(num_envs=32, max_len=96))
+  c.sft.update(dict(steps=100, batch_size=16, lr=3e-3, noise=0.5))
+  c.train.steps = 20
+  c.optim.update(dict(lr=3e-4, warmup=1))
+  tr = train_lib.make_train(c)
+
+  def sampled_success(params):
+    keys = jax.random.split(jax.random.key(42), 8)
+    success = jax.vmap(lambda k: tr.rollout(params["policy"], k, tr.env_params).info["success"])
+    return jnp.mean(success(keys).astype(jnp.float32))
+
+  @jax.jit
+  def run(key):
+    state = tr.init(key)
+    state, _ = jax.lax.scan(lambda s, _: tr.sft_step(s), state, None, length=c.sft.steps)
+    state = tr.start_rl(state)
+    before = sampled_success(state.params)
+    state, m = jax.lax.scan(lambda s, _: tr.train_step(s), state, None, length=c.train.steps)
+    return before, sampled_success(state.params), m
+
+  before, after, m = run(jax.random.key(0))
+  chex.assert_shape(m["train/success_rate"], (20,))
+  assert float(jnp.sum(m["train/nan_skipped"])) == 0
+  assert 0.05 < float(before) < 0.6, before  # a weak start, with room to improve
+  assert float(after) > float(before) + 0.15, (float(before), float(after))
+
+
 @pytest.mark.slow
 def test_quickstart_trains_to_high_success(tmp_path):
   """The README's main job: SFT then PPO reaches >= 90% greedy eval success (~3.5 minutes on

@@ -1,0 +1,526 @@
+"""Tool use for real models: JSON tool calls in decoded text, Python tools, chat-template replies.
+
+`JsonToolEnv(tokenizer, tasks, tools)` is an `Environment` whose token space is a real
+tokenizer's (`mtrl_jax.models.chat.ChatTokenizer`):
+
+* `reset` picks a task (uniformly, from the key) and returns its prompt: the chat-template
+  rendering of `[system,] user(question)` with the tools listed, plus the header that opens the
+  assistant turn. Prompts are tokenized once, at construction, and live in the env params as
+  fixed-length arrays (`params.prompts [N, P]`), so the episode runs inside the jitted rollout.
+* The policy's turn ends with the layout's end-of-turn token (`<|im_end|>`, `<|eot_id|>`).
+  `step` enters Python once per turn boundary through `jax.pure_callback` (batched: one call
+  for all rows; rows whose turn did not end are passed with an empty action and skipped). The
+  callback decodes the turn and
+  - if it contains `<tool_call>...</tool_call>` blocks (Hermes convention, up to
+    `max_calls_per_turn`), parses each as JSON `{"name": ..., "arguments": {...}}`, runs the
+    named Python tool and replies with one tool message holding the results;
+  - otherwise takes the turn as the final answer: the episode ends, with success if the answer
+    (see `extract_answer`) matches the task's.
+* Replies are the exact template pieces after the end-of-turn (`ChatTokenizer.fit_reply`): for
+  ChatML `\\n<|im_start|>user\\n<tool_response>\\n{result}\\n</tool_response><|im_end|>\\n
+  <|im_start|>assistant\\n`, padded to the static `reply_len`; a result too long for the budget
+  is cut (`...`), never the template pieces.
+* A malformed call (bad JSON, no `</tool_call>`, unknown tool, bad arguments, a tool that
+  raises) is answered with an error tool message (`Error: ...`) and counted in
+  `info['format_errors']`; it never raises. Reward: `correct_reward` for a correct final
+  answer, minus `format_penalty` per error.
+* `expert` replays a task's `solution` (assistant turns given in the task file), for
+  demonstrations and tests; a task without one answers nothing.
+
+Tools are `Tool(name, description, parameters, fn)`: `fn(**arguments) -> str`, described to the
+model by its JSON schema in the system prompt. `calculator_tool()` (safe arithmetic) and
+`search_tool(corpus)` (BM25 over a small document collection) are built in.
+
+Tasks come from a TFDS prompt dataset (`mtrl_jax.data.prompts`) or a list of `Task`s.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import dataclasses
+import json
+import math
+import operator
+import re
+import string
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtrl_jax.envs import base
+
+DEFAULT_SYSTEM = ("You are a helpful assistant. Use the tools when they help. When you know the "
+                  "final answer, reply with it inside <answer></answer> tags, without a tool call.")
+_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+# --- tasks and tools --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One prompt. answer: the reference answer as text; answer_value: its number (NaN when the
+  answer is not numeric); solution: assistant turns of a demonstration (may be empty)."""
+
+  question: str
+  answer: str
+  answer_value: float = math.nan
+  solution: tuple[str, ...] = ()
+  id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tool:
+  """A Python tool: `fn(**arguments) -> str`, described to the model by a JSON schema."""
+
+  name: str
+  description: str
+  parameters: Mapping[str, Any]
+  fn: Callable[..., Any]
+
+  @property
+  def schema(self) -> dict[str, Any]:
+    """The OpenAI/Hermes function schema chat templates list in the system prompt."""
+    return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                             "parameters": dict(self.parameters)}}
+
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+           ast.Pow: operator.pow}
+_UNOPS = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def safe_eval(expression: str, max_abs: float = 1e100) -> float | int:
+  """Arithmetic on numbers with + - * / // % ** and parentheses; nothing else is evaluated.
+  Raises ValueError for anything else, for huge powers and for results beyond `max_abs`."""
+  if len(expression) > 500:
+    raise ValueError("expression longer than 500 characters")
+
+  def ev(node):
+    if isinstance(node, ast.Expression):
+      return ev(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
+        and not isinstance(node.value, bool):
+      return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+      left, right = ev(node.left), ev(node.right)
+      if isinstance(node.op, ast.Pow) and (abs(right) > 100 or abs(left) > 1e6):
+        raise ValueError("power too large")
+      value = _BINOPS[type(node.op)](left, right)
+      if abs(value) > max_abs:
+        raise ValueError("result too large")
+      return value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNOPS:
+      return _UNOPS[type(node.op)](ev(node.operand))
+    raise ValueError(f"unsupported expression element {type(node).__name__}")
+
+  try:
+    tree = ast.parse(expression.strip(), mode="eval")
+  except SyntaxError:
+    raise ValueError(f"cannot parse {expression!r}") from None
+  return ev(tree)
+
+
+def format_number(x: float | int) -> str:
+  """408 -> '408'; 408.0 -> '408'; 1/3 -> '0.3333333333'."""
+  if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+    return str(int(x))
+  if isinstance(x, float):
+    return f"{x:.10g}"
+  return str(x)
+
+
+def calculator_tool() -> Tool:
+  """`calculator(expression)`: evaluates arithmetic (`safe_eval`), e.g. "(12 + 3) * 4" -> "60"."""
+  return Tool(
+      name="calculator",
+      description="Evaluate an arithmetic expression with + - * / // % ** and parentheses.",
+      parameters={"type": "object", "properties": {"expression": {
+          "type": "string", "description": "The expression, e.g. (12 + 3) * 4"}},
+                  "required": ["expression"]},
+      fn=lambda expression: format_number(safe_eval(str(expression))))
+
+
+def _terms(text: str) -> list[str]:
+  return re.findall(r"\w+", text.lower())
+
+
+def search_tool(corpus: Sequence[Mapping[str, str]], k: int = 3, k1: float = 1.5,
+                b: float = 0.75) -> Tool:
+  """`search(query)`: the `k` best documents of `corpus` (dicts with `title`, `text`) by BM25,
+  one per line as `title: text`."""
+  docs = [_terms(d.get("title", "") + " " + d.get("text", "")) for d in corpus]
+  counts = [collections.Counter(d) for d in docs]
+  n = len(docs)
+  avg = sum(map(len, docs)) / max(n, 1)
+  df = collections.Counter(t for d in docs for t in set(d))
+  idf = {t: math.log(1 + (n - f + 0.5) / (f + 0.5)) for t, f in df.items()}
+
+  def search(query: str) -> str:
+    q = _terms(str(query))
+    if not q:
+      raise ValueError("empty query")
+    scores = []
+    for i, c in enumerate(counts):
+      s = sum(idf.get(t, 0.0) * c[t] * (k1 + 1) / (c[t] + k1 * (1 - b + b * len(docs[i]) / avg))
+              for t in q if t in c)
+      scores.append((-s, i))
+    best = [i for s, i in sorted(scores)[:k] if s < 0]
+    if not best:
+      return "No results."
+    return "\n".join(f"{corpus[i].get('title', '')}: {corpus[i].get('text', '')}" for i in best)
+
+  return Tool(name="search", description="Search the document collection; returns the best "
+              f"{k} documents.",
+              parameters={"type": "object", "properties": {"query": {
+                  "type": "string", "description": "What to look for"}}, "required": ["query"]},
+              fn=search)
+
+
+# --- answers ----------------------------------------------------------------------------------
+
+def extract_answer(text: str) -> str:
+  """The final answer in a turn: the last `<answer>...</answer>`, else the last `\\boxed{...}`,
+  else what follows the last "answer is" / "Answer:", else the whole text (stripped)."""
+  tags = re.findall(r"<answer>(.*?)</answer>", text, re.S)
+  if tags:
+    return tags[-1].strip()
+  boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+  if boxed:
+    return boxed[-1].strip()
+  said = re.findall(r"answer(?: is|:)\s*(.+)", text, re.I)
+  if said:
+    return said[-1].strip()
+  return text.strip()
+
+
+def normalize_text(s: str) -> str:
+  """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
+  s = "".join(c for c in s.lower() if c not in set(string.punctuation))
+  s = re.sub(r"\b(a|an|the)\b", " ", s)
+  return " ".join(s.split())
+
+
+def is_correct(text: str, task: Task) -> bool:
+  """Numeric tasks: the last number of the extracted answer equals `answer_value` (relative
+  tolerance 1e-6). Other tasks: normalised exact match with `answer`."""
+  got = extract_answer(text)
+  if not math.isnan(task.answer_value):
+    numbers = _NUMBER.findall(got)
+    if not numbers:
+      return False
+    try:
+      value = float(numbers[-1].replace(",", ""))
+    except ValueError:
+      return False
+    return abs(value - task.answer_value) <= 1e-6 * max(1.0, abs(task.answer_value))
+  return normalize_text(got) == normalize_text(task.answer)
+
+
+def parse_numeric(answer: Any) -> float:
+  """A reference answer's number: numbers as is; strings like "1,234", "$5", "72", or GSM8K's
+  "... #### 72"; NaN when there is none."""
+  if isinstance(answer, bool):
+    return math.nan
+  if isinstance(answer, (int, float)):
+    return float(answer)
+  s = str(answer)
+  if "####" in s:
+    s = s.split("####")[-1]
+  s = s.strip().replace(",", "").lstrip("$").rstrip("%").strip()
+  try:
+    return float(s)
+  except ValueError:
+    return math.nan
+
+
+# --- the environment --------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class JsonToolParams(base.EnvParams):
+  """prompts: [N, P] int32 prompt ids (right-padded); prompt_lens: [N] int32; demo: [N, K, A]
+  int32 expert turns; demo_lens: [N, K] int32; correct_reward: [] reward of a right answer."""
+
+  prompts: Any = None
+  prompt_lens: Any = None
+  demo: Any = None
+  demo_lens: Any = None
+  correct_reward: float = 1.0
+
+
+@flax.struct.dataclass
+class JsonToolState(base.EnvState):
+  """`EnvState` plus task: [] int32 index of the episode's task."""
+
+  task: jax.Array
+
+
+class JsonToolEnv(base.Environment):
+  """Hermes JSON tool calls against Python tools, for real tokenizers (see module docstring)."""
+
+  name = "json_tool"
+  Params = JsonToolParams
+  empty_idle_actions = True  # the rollout passes length 0 for rows whose turn did not end
+
+  def __init__(self, tokenizer, tasks: Sequence[Task], tools: Sequence[Tool], *,
+               system: str | None = DEFAULT_SYSTEM, prompt_len: int | None = None,
+               reply_len: int = 128, max_turns: int = 4, max_calls_per_turn: int = 4,
+               template_kwargs: Mapping[str, Any] | None = None):
+    """tokenizer: a `ChatTokenizer`; tasks: the prompts; tools: the Python tools (unique
+    names); system: system prompt (None: none); prompt_len: static prompt budget (default: the
+    longest prompt; a longer prompt is an error naming `prompt_len`); reply_len: static reply
+    budget (tokens); max_turns: agent turns per episode; template_kwargs: extra variables for
+    the chat template (e.g. `enable_thinking=False` for Qwen3)."""
+    super().__init__(tokenizer)
+    if not tasks:
+      raise ValueError("JsonToolEnv needs at least one task")
+    names = [t.name for t in tools]
+    if len(set(names)) != len(names):
+      raise ValueError(f"tool names must be unique, got {names}")
+    for name, v in (("reply_len", reply_len), ("max_turns", max_turns),
+                    ("max_calls_per_turn", max_calls_per_turn)):
+      if not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"JsonToolEnv.{name} must be a positive integer, got {v!r}")
+    self.tokenizer, self.tasks, self.tools = tokenizer, tuple(tasks), {t.name: t for t in tools}
+    self.system, self._max_turns, self._reply_len = system, int(max_turns), int(reply_len)
+    self.max_calls_per_turn = int(max_calls_per_turn)
+    frame = len(tokenizer.tool_reply_ids([""]))
+    if frame >= reply_len:
+      raise ValueError(f"JsonToolEnv.reply_len={reply_len} cannot hold the tool reply frame "
+                       f"({frame} tokens of template pieces) and any content")
+    schemas = [t.schema for t in tools] or None
+    prompts = [tokenizer.prompt_ids(t.question, system, schemas, **dict(template_kwargs or {}))
+               for t in self.tasks]
+    longest = max(len(p) for p in prompts)
+    if prompt_len is None:
+      prompt_len = longest
+    elif longest > prompt_len:
+      i = max(range(len(prompts)), key=lambda j: len(prompts[j]))
+      raise ValueError(f"JsonToolEnv.prompt_len={prompt_len} is shorter than the prompt of task "
+                       f"{i} ({self.tasks[i].id or self.tasks[i].question[:40]!r}): "
+                       f"{longest} tokens")
+    self._prompt_len = int(prompt_len)
+    P = self._prompt_len
+    prompt_arr = np.zeros((len(prompts), P), np.int32)
+    for i, p in enumerate(prompts):
+      prompt_arr[i, :len(p)] = p
+    # Expert turns from the tasks' solutions: text + end-of-turn.
+    turns = [[tokenizer.encode(s) + [tokenizer.eot_id] for s in t.solution[:max_turns]]
+             for t in self.tasks]
+    A = max([1] + [len(x) for ts in turns for x in ts])
+    demo = np.zeros((len(prompts), max_turns, A), np.int32)
+    demo_lens = np.ones((len(prompts), max_turns), np.int32)
+    demo[:, :, 0] = tokenizer.eot_id
+    for i, ts in enumerate(turns):
+      for k, x in enumerate(ts):
+        demo[i, k, :len(x)] = x
+        demo_lens[i, k] = len(x)
+    self._action_len = A
+    self._default = JsonToolParams(prompts=jnp.asarray(prompt_arr),
+                                   prompt_lens=jnp.asarray([len(p) for p in prompts], jnp.int32),
+                                   demo=jnp.asarray(demo), demo_lens=jnp.asarray(demo_lens))
+
+  # --- static description -----------------------------------------------------------------
+  def symbols(self):
+    return ()
+
+  @property
+  def default_params(self):
+    return self._default
+
+  @property
+  def prompt_len(self):
+    return self._prompt_len
+
+  @property
+  def reply_len(self):
+    return self._reply_len
+
+  @property
+  def action_len(self):
+    return self._action_len
+
+  @property
+  def max_turns(self):
+    return self._max_turns
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.tasks)
+
+  # --- dynamics -----------------------------------------------------------------------------
+  def reset_env(self, key, params):
+    n = params.prompts.shape[0]
+    task = jax.random.randint(key, (), 0, n, jnp.int32)
+    state = JsonToolState(task=task, **base.initial_counters())
+    obs = base.Observation(tokens=params.prompts[task], length=params.prompt_lens[task],
+                           role=jnp.int32(base.ROLE_USER))
+    return state, obs
+
+  def expert(self, key, state, params):
+    del key
+    k = jnp.clip(state.turn, 0, self.max_turns - 1)
+    return base.Action(tokens=params.demo[state.task, k], length=params.demo_lens[state.task, k])
+
+  def step_env(self, key, state, action, params):
+    del key
+    R = self.reply_len
+    live = (action.length > 0) & ~state.done
+    reply, reply_n, answered, success, calls, errors = jax.pure_callback(
+        self._host,
+        (jax.ShapeDtypeStruct((R,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+         jax.ShapeDtypeStruct((), jnp.bool_), jax.ShapeDtypeStruct((), jnp.bool_),
+         jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)),
+        live, state.task, jnp.asarray(action.tokens, jnp.int32), action.length,
+        vmap_method="broadcast_all")
+    reward = (jnp.where(success, params.correct_reward, 0.0)
+              - params.format_penalty * errors.astype(jnp.float32))
+    state = state.replace(success=state.success | success,
+                          num_tool_calls=state.num_tool_calls + calls,
+                          format_errors=state.format_errors + errors)
+    role = jnp.where(answered, base.ROLE_NONE, base.ROLE_TOOL).astype(jnp.int32)
+    obs = base.Observation(tokens=reply, length=reply_n, role=role)
+    return state, obs, reward.astype(jnp.float32), answered
+
+  # --- the host side ------------------------------------------------------------------------
+  def respond(self, text: str, task: Task) -> tuple[list[str] | None, bool, int, int]:
+    """Python view of one turn: (tool results or None for a final answer, success, valid
+    calls, errors)."""
+    opens = text.count("<tool_call>")
+    if not opens:
+      return None, is_correct(text, task), 0, 0
+    results, calls, errors = [], 0, 0
+    blocks = _CALL.findall(text)
+    if len(blocks) < opens:
+      results.append("Error: a <tool_call> is not closed by </tool_call>.")
+      errors += 1
+    for i, block in enumerate(blocks):
+      if i >= self.max_calls_per_turn:
+        results.append(f"Error: at most {self.max_calls_per_turn} tool calls per turn.")
+        errors += 1
+        break
+      result, ok = self.call(block)
+      results.append(result)
+      calls += ok
+      errors += not ok
+    return results, False, calls, errors
+
+  def call(self, block: str) -> tuple[str, bool]:
+    """Run one `<tool_call>` body: (result text, ok). Never raises."""
+    try:
+      call = json.loads(block)
+    except json.JSONDecodeError as e:
+      return f"Error: the tool call is not valid JSON ({e.msg}).", False
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+      return 'Error: a tool call must be {"name": ..., "arguments": {...}}.', False
+    tool = self.tools.get(call["name"])
+    if tool is None:
+      return (f"Error: unknown tool {call['name']!r}; available: "
+              f"{', '.join(sorted(self.tools))}."), False
+    args = call.get("arguments", {})
+    if isinstance(args, str):  # some models write the arguments as a JSON string
+      try:
+        args = json.loads(args)
+      except json.JSONDecodeError:
+        pass
+    if not isinstance(args, dict):
+      return "Error: arguments must be a JSON object.", False
+    try:
+      return str(tool.fn(**args)), True
+    except Exception as e:  # a broken call is an error reply, not a crashed rollout
+      return f"Error: {tool.name} failed: {type(e).__name__}: {e}", False
+
+  def _host(self, live, task, tokens, length):
+    """numpy in, numpy out; leading batch dims are whatever vmap gave us."""
+    live, task, length = np.asarray(live), np.asarray(task), np.asarray(length)
+    tokens = np.asarray(tokens)
+    batch = live.shape
+    tokens = np.broadcast_to(tokens, batch + tokens.shape[-1:])
+    task, length = np.broadcast_to(task, batch), np.broadcast_to(length, batch)
+    R = self.reply_len
+    reply = np.zeros(batch + (R,), np.int32)
+    reply_n = np.zeros(batch, np.int32)
+    answered = np.zeros(batch, bool)
+    success = np.zeros(batch, bool)
+    calls = np.zeros(batch, np.int32)
+    errors = np.zeros(batch, np.int32)
+    eot = self.tokenizer.eot_id
+    for idx in zip(*np.nonzero(live)) if live.ndim else ([()] if live else []):
+      ids = tokens[idx][: int(length[idx])].tolist()
+      if ids and ids[-1] == eot:
+        ids = ids[:-1]
+      text = self.tokenizer.decode(ids)
+      results, ok, n_calls, n_errors = self.respond(text, self.tasks[int(task[idx])])
+      if results is None:
+        answered[idx], success[idx] = True, ok
+        continue
+      ids, _ = self.tokenizer.fit_reply("tool", results, R)
+      reply[idx][: len(ids)] = ids
+      reply_n[idx] = len(ids)
+      calls[idx], errors[idx] = n_calls, n_errors
+    return reply, reply_n, answered, success, calls, errors
+
+
+TOOL_FACTORIES = {"calculator": lambda corpus: calculator_tool(),
+                  "search": lambda corpus: search_tool(corpus)}
+
+
+def make_tools(names: Sequence[str], corpus: Sequence[Mapping[str, str]] = ()) -> list[Tool]:
+  """Built-in tools by name ("calculator", "search"); `search` needs a non-empty corpus."""
+  unknown = [n for n in names if n not in TOOL_FACTORIES]
+  if unknown:
+    raise ValueError(f"unknown tools {unknown}; built-in tools: {sorted(TOOL_FACTORIES)}")
+  if "search" in names and not corpus:
+    raise ValueError("the search tool needs a corpus (the prompt dataset has none)")
+  return [TOOL_FACTORIES[n](corpus) for n in names]
+
+
+CONFIG_KEYS = ("name", "checkpoint", "data_dir", "dataset", "tasks", "corpus", "split",
+               "tools", "system", "layout", "prompt_len", "reply_len", "max_turns",
+               "max_calls_per_turn", "noise", "format_penalty", "correct_reward")
+
+
+def from_config(section: Mapping[str, Any]) -> tuple[JsonToolEnv, JsonToolParams]:
+  """(env, params) from a `config.env` section with `name="json_tool"`.
+
+  Keys: checkpoint (directory with tokenizer.json, normally the model's), data_dir + dataset
+  (a TFDS prompt dataset), or tasks (+ corpus) JSONL files built into `data_dir` on first use;
+  split; tools (names, see `make_tools`); system; layout ("auto" | "chatml" | "llama3");
+  prompt_len (0 = longest prompt); reply_len; max_turns; max_calls_per_turn; noise,
+  format_penalty, correct_reward (EnvParams). Unknown keys are errors that list these.
+  """
+  from mtrl_jax.data import prompts as prompt_data
+  from mtrl_jax.models import chat
+
+  kw = dict(section)
+  unknown = sorted(set(kw) - set(CONFIG_KEYS))
+  if unknown:
+    raise ValueError(f"unknown keys {unknown} for environment 'json_tool'; accepted: "
+                     f"{list(CONFIG_KEYS)}")
+  if not kw.get("checkpoint"):
+    raise ValueError("env.checkpoint (the directory with tokenizer.json) is not set")
+  tokenizer = chat.ChatTokenizer.from_dir(kw["checkpoint"], layout=kw.get("layout", "auto"))
+  data_dir, dataset = kw.get("data_dir", ""), kw.get("dataset", "")
+  if kw.get("tasks"):
+    if not data_dir:
+      raise ValueError("env.tasks needs env.data_dir (where the TFDS dataset is written)")
+    builder = prompt_data.build_prompt_dataset(data_dir, dataset or None, kw["tasks"],
+                                               corpus=kw.get("corpus") or None)
+    dataset = builder.builder_config.name
+  if not dataset:
+    raise ValueError("set env.dataset (a prompt dataset in env.data_dir) or env.tasks (a JSONL "
+                     "file of tasks)")
+  tasks, corpus, _ = prompt_data.load_prompt_dataset(data_dir, dataset, kw.get("split", "train"))
+  tools = make_tools(list(kw.get("tools", ("calculator",))), corpus)
+  env = JsonToolEnv(tokenizer, tasks, tools, system=kw.get("system", DEFAULT_SYSTEM) or None,
+                    prompt_len=kw.get("prompt_len") or None, reply_len=kw.get("reply_len", 128),
+                    max_turns=kw.get("max_turns", 4),
+                    max_calls_per_turn=kw.get("max_calls_per_turn", 4))
+  params = env.default_params.replace(
+      **{k: kw[k] for k in ("noise", "format_penalty", "correct_reward") if k in kw})
+  return env, params

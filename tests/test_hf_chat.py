@@ -1,0 +1,483 @@
+"""Real tokenizers and chat layouts, the JSON tool environment, prompt datasets.
+
+A character-level tokenizer is built in the test with the `tokenizers` library (every sampled
+token sequence is its own canonical tokenization, so "the trajectory equals the chat template
+applied to the same conversation" is an exact, checkable statement), with Qwen2.5's ChatML
+chat template or a Llama-3 one. Nothing touches the network.
+"""
+
+import json
+import math
+import os
+import shutil
+import string
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+tokenizers = pytest.importorskip("tokenizers", reason="needs the hf extra: pip install -e .[hf]")
+pytest.importorskip("safetensors", reason="needs the hf extra: pip install -e .[hf]")
+pytest.importorskip("jinja2", reason="needs the hf extra: pip install -e .[hf]")
+
+from mtrl_jax import rollout as rollout_lib  # noqa: E402
+from mtrl_jax import vocab as V  # noqa: E402
+from mtrl_jax.data import prompts  # noqa: E402
+from mtrl_jax.envs import base  # noqa: E402
+from mtrl_jax.envs import json_tool  # noqa: E402
+from mtrl_jax.models import chat  # noqa: E402
+from mtrl_jax.models import transformer as tf  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+# Qwen2.5-Instruct's chat template (tools listed Hermes-style in the system message).
+QWEN25_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == "
+    "'system' %}\n        {{- messages[0]['content'] }}\n    {%- else %}\n        {{- 'You are "
+    "Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n    "
+    "{{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user "
+    "query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n"
+    "<tools>\" }}\n    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | "
+    "tojson }}\n    {%- endfor %}\n    {{- \"\\n</tools>\\n\\nFor each function call, return a "
+    "json object with function name and arguments within <tool_call></tool_call> XML tags:\\n"
+    "<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": <args-json-object>}\\n"
+    "</tool_call><|im_end|>\\n\" }}\n{%- else %}\n    {%- if messages[0]['role'] == 'system' %}"
+    "\n        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    "
+    "{%- else %}\n        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You "
+    "are a helpful assistant.<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- for message "
+    "in messages %}\n    {%- if (message.role == \"user\") or (message.role == \"system\" and not "
+    "loop.first) or (message.role == \"assistant\" and not message.tool_calls) %}\n        {{- "
+    "'<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n    {%- "
+    "elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n        "
+    "{%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n"
+    "        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is "
+    "defined %}\n                {%- set tool_call = tool_call.function %}\n            {%- endif "
+    "%}\n            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n"
+    "            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}"
+    "\n    {%- elif message.role == \"tool\" %}\n        {%- if (loop.index0 == 0) or (messages["
+    "loop.index0 - 1].role != \"tool\") %}\n            {{- '<|im_start|>user' }}\n        {%- "
+    "endif %}\n        {{- '\\n<tool_response>\\n' }}\n        {{- message.content }}\n        "
+    "{{- '\\n</tool_response>' }}\n        {%- if loop.last or (messages[loop.index0 + 1].role "
+    "!= \"tool\") %}\n            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}"
+    "\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n")
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}\n{%- for message in messages %}\n    {%- if message.role == 'tool' %}\n"
+    "        {{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + message.content + "
+    "'<|eot_id|>' }}\n    {%- else %}\n        {{- '<|start_header_id|>' + message.role + "
+    "'<|end_header_id|>\\n\\n' + message.content + '<|eot_id|>' }}\n    {%- endif %}\n"
+    "{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant"
+    "<|end_header_id|>\\n\\n' }}\n{%- endif %}\n")
+
+SPECIALS = {
+    "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+               "<|end_header_id|>", "<|eot_id|>"],
+}
+ADDED = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>",
+         "</think>"]
+
+
+def make_tokenizer_dir(path, layout="chatml", template=True, drop=()):
+  """A character-level BPE tokenizer (no merges) with the layout's special tokens, saved as a
+  checkpoint's tokenizer files. Returns the directory."""
+  from tokenizers import AddedToken, Tokenizer, decoders, models
+  chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+  tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+  tok.decoder = decoders.Fuse()
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                          for t in SPECIALS[layout] if t not in drop])
+  tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED])
+  os.makedirs(path, exist_ok=True)
+  tok.save(os.path.join(path, "tokenizer.json"))
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096}
+  if layout == "chatml":
+    config.update(eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None)
+    if template:
+      config["chat_template"] = QWEN25_TEMPLATE
+  else:
+    config.update(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    if template:
+      config["chat_template"] = LLAMA3_TEMPLATE
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f)
+  return str(path)
+
+
+def arith_tasks():
+  return [json_tool.Task(question=r["question"], answer=r["answer"],
+                         answer_value=r["answer_value"],
+                         solution=tuple(json.loads(r["solution"])), id=r["id"])
+          for r in prompts.read_tasks(os.path.join(DATA, "arith_tasks.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def chatml_dir(tmp_path_factory):
+  return make_tokenizer_dir(tmp_path_factory.mktemp("chatml"), "chatml")
+
+
+# --- layouts and templates ----------------------------------------------------------------------
+
+def conversation():
+  tools = [json_tool.calculator_tool().schema]
+  messages = [
+      {"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "What is 12 * 34?"},
+      {"role": "assistant", "content": '<tool_call>\n{"name": "calculator", "arguments": '
+                                       '{"expression": "12 * 34"}}\n</tool_call>'},
+      {"role": "tool", "content": "408"},
+      {"role": "tool", "content": "Error: unknown tool 'x'."},
+      {"role": "assistant", "content": "<answer>408</answer>"},
+  ]
+  return messages, tools
+
+
+@pytest.mark.parametrize("with_tools", [True, False])
+def test_own_template_rendering_matches_transformers_and_layout(chatml_dir, with_tools):
+  transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
+  tok = chat.ChatTokenizer.from_dir(chatml_dir)
+  assert tok.layout is chat.CHATML
+  ref = transformers.PreTrainedTokenizerFast.from_pretrained(chatml_dir)
+  messages, tools = conversation()
+  tools = tools if with_tools else None
+  for msgs, gen in ((messages[:2], True), (messages, False)):
+    want = ref.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
+    assert tok.render(msgs, tools, gen) == want
+    # The layout alone writes the same text as Qwen2.5's template (given a system message).
+    assert tok.render_layout(msgs, tools, gen) == want
+
+
+def test_llama3_layout_matches_its_template(tmp_path):
+  d = make_tokenizer_dir(tmp_path, "llama3")
+  tok = chat.ChatTokenizer.from_dir(d)
+  assert tok.layout is chat.LLAMA3
+  messages, _ = conversation()
+  messages = messages[:4] + messages[5:]  # one tool message per result
+  assert tok.render(messages, add_generation_prompt=False) == tok.render_layout(
+      messages, add_generation_prompt=False)
+  prompt = tok.render(messages[:2])
+  assert prompt.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n")
+  assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+  assert tok.decode(tok.tool_reply_ids(["408"])) == (
+      "<|start_header_id|>ipython<|end_header_id|>\n\n408<|eot_id|>"
+      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+  assert tok.eot_id == tok.id("<|eot_id|>") == tok.id(V.EOT)
+  banned = {tok.tokenizer.id_to_token(i) for i in tok.never_sampled_ids()}
+  assert banned == {"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                    "<|end_of_text|>"}
+
+
+def test_chatml_reply_pieces_and_budget(chatml_dir):
+  tok = chat.ChatTokenizer.from_dir(chatml_dir)
+  frame_text = ("\n<|im_start|>user\n<tool_response>\n{}\n</tool_response><|im_end|>\n"
+                "<|im_start|>assistant\n")
+  assert tok.decode(tok.tool_reply_ids(["408"])) == frame_text.format("408")
+  two = tok.decode(tok.tool_reply_ids(["1", "2"]))
+  assert two == ("\n<|im_start|>user\n<tool_response>\n1\n</tool_response>\n<tool_response>\n2"
+                 "\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+  assert tok.decode(tok.reply_ids("user", ["hi"])) == (
+      "\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+  # Cutting keeps every template piece and shortens the content.
+  frame = len(tok.tool_reply_ids([""]))
+  ids, cut = tok.fit_reply("tool", ["x" * 100], frame + 20)
+  assert cut and len(ids) <= frame + 20
+  text = tok.decode(ids)
+  assert text.startswith("\n<|im_start|>user\n<tool_response>\nxxx") and text.endswith(
+      " ...\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+  ids, cut = tok.fit_reply("tool", ["short"], frame + 20)
+  assert not cut and tok.decode(ids) == frame_text.format("short")
+  with pytest.raises(ValueError, match="reply budget"):
+    tok.fit_reply("tool", ["x"], frame - 1)
+
+
+def test_never_sampled_and_symbols(chatml_dir):
+  tok = chat.ChatTokenizer.from_dir(chatml_dir)
+  mask = rollout_lib.never_sampled_mask(tok, tok.size + 7)
+  chex.assert_shape(mask, (tok.size + 7,))
+  assert set(np.nonzero(mask)[0]) == {tok.id("<|im_start|>"), tok.id("<|endoftext|>"),
+                                      *range(tok.size, tok.size + 7)}
+  assert not mask[tok.eot_id] and not mask[tok.id("<tool_call>")]
+  assert "<think>" in tok and "<nope>" not in tok and tok.missing(["<think>", "<nope>"]) == [
+      "<nope>"]
+  # Symbols of a pure-JAX environment as real tokens: control symbols are template pieces.
+  assert tok.decode(tok.symbol_ids(V.USER)) == "<|im_start|>user\n"
+  assert tok.decode(tok.symbol_ids(V.EOT)) == "<|im_end|>\n"
+  assert tok.symbol_ids(V.PAD) == []
+  vocab = V.Vocab.build(["calc", "7"])
+  ids, lens = tok.symbol_table(vocab)
+  chex.assert_shape(lens, (vocab.size,))
+  row = vocab.id("calc")
+  assert tok.decode(ids[row, :lens[row]]) == " calc"
+
+
+def test_missing_template_piece_is_named(tmp_path):
+  d = make_tokenizer_dir(tmp_path, "chatml", drop=("<|im_end|>",))
+  with pytest.raises(chat.TemplateError, match="im_end"):
+    chat.ChatTokenizer.from_dir(d, layout="chatml")
+  with pytest.raises(chat.TemplateError, match="cannot detect"):
+    chat.ChatTokenizer.from_dir(d)
+  with pytest.raises(chat.TemplateError, match="unknown chat layout"):
+    chat.ChatTokenizer.from_dir(d, layout="vicuna")
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    chat.ChatTokenizer.from_dir(tmp_path / "nothing")
+
+
+# --- tools and answers ------------------------------------------------------------------------
+
+def test_safe_eval_and_tools():
+  calc = json_tool.calculator_tool()
+  assert calc.fn(expression="12 * 34") == "408"
+  assert calc.fn(expression="48 + 48 / 2") == "72"
+  assert calc.fn(expression="1 / 3") == "0.3333333333"
+  assert calc.fn(expression="-(2 ** 10) % 7") == str(-(2 ** 10) % 7)
+  for bad in ("__import__('os')", "2 ** 1000", "x + 1", "1 +", "[1][0]", "1e300 * 1e300"):
+    with pytest.raises(ValueError):
+      json_tool.safe_eval(bad)
+  search = json_tool.search_tool(prompts.read_corpus(os.path.join(DATA, "qa_corpus.jsonl")), k=2)
+  out = search.fn(query="Ida Haugen born").split("\n")
+  assert len(out) == 2 and out[0].startswith("Ida Haugen:") and "Bergen" in out[0]
+  assert search.fn(query="zzz qqq") == "No results."
+
+
+def test_answers():
+  num = json_tool.Task("q", "72", 72.0)
+  for text, ok in (("<answer>72</answer>", True), ("so \\boxed{72}", True),
+                   ("The answer is 72.", True), ("<answer>1,234</answer>", False),
+                   ("<answer>72.0000000001</answer>", True), ("72 or 73", False),
+                   ("no idea", False), ("<answer>71</answer> 72", False)):
+    assert json_tool.is_correct(text, num) == ok, text
+  assert json_tool.is_correct("<answer>1,234</answer>", json_tool.Task("q", "1234", 1234.0))
+  txt = json_tool.Task("q", "the Amber River")
+  assert json_tool.is_correct("<answer>Amber river.</answer>", txt)
+  assert not json_tool.is_correct("<answer>Marrow</answer>", txt)
+  assert json_tool.parse_numeric("Natalia ... #### 72") == 72.0
+  assert json_tool.parse_numeric("$1,250") == 1250.0
+  assert math.isnan(json_tool.parse_numeric("Bergen"))
+
+
+def make_env(tokenizer_dir, **kw):
+  tok = chat.ChatTokenizer.from_dir(tokenizer_dir)
+  kw.setdefault("system", "Be brief.")
+  kw.setdefault("reply_len", 160)
+  kw.setdefault("max_turns", 3)
+  return json_tool.JsonToolEnv(tok, arith_tasks(), [json_tool.calculator_tool()], **kw)
+
+
+def test_malformed_calls_are_error_replies(chatml_dir):
+  env = make_env(chatml_dir)
+  task = env.tasks[0]
+  cases = {
+      '<tool_call>{"name": "calculator", "arguments": {"expression": "2+3"}}</tool_call>':
+          (["5"], 1, 0),
+      "<tool_call>{not json}</tool_call>": (None, 0, 1),
+      '<tool_call>{"name": "shell", "arguments": {}}</tool_call>': (None, 0, 1),
+      '<tool_call>{"name": "calculator", "arguments": {"expr": "1"}}</tool_call>': (None, 0, 1),
+      '<tool_call>{"name": "calculator", "arguments": {"expression": "1/0"}}</tool_call>':
+          (None, 0, 1),
+      '<tool_call>{"name": "calculator", "arguments": "{\\"expression\\": \\"2*3\\"}"}'
+      '</tool_call>': (["6"], 1, 0),
+      '<tool_call>{"name": "calculator", "arguments": {"expression": "1"}}': (None, 0, 1),
+      '<tool_call>[1, 2]</tool_call>': (None, 0, 1),
+  }
+  for text, (want, calls, errors) in cases.items():
+    results, success, n_calls, n_errors = env.respond(text, task)
+    assert results is not None and not success, text
+    assert (n_calls, n_errors) == (calls, errors), text
+    if want is not None:
+      assert results == want
+    else:
+      assert any(r.startswith("Error:") for r in results), results
+  results, success, _, _ = env.respond("It is <answer>408</answer>.", task)
+  assert results is None and success
+  results, success, _, _ = env.respond("It is 409.", task)
+  assert results is None and not success
+
+
+def test_env_step_jitted_through_pure_callback(chatml_dir):
+  env = make_env(chatml_dir)
+  tok = env.tokenizer
+  params = env.default_params.replace(format_penalty=0.5)
+  keys = jax.random.split(jax.random.key(0), 4)
+  state, obs = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+  turns = ['<tool_call>{"name": "calculator", "arguments": {"expression": "6*7"}}</tool_call>',
+           "<tool_call>oops</tool_call>", "<answer>0</answer>", ""]
+  A = 96
+  acts = np.zeros((4, A), np.int32)
+  lens = np.zeros((4,), np.int32)
+  for i, t in enumerate(turns[:3]):
+    ids = tok.encode(t) + [tok.eot_id]
+    acts[i, :len(ids)], lens[i] = ids, len(ids)
+  action = base.Action(jnp.asarray(acts), jnp.asarray(lens))  # row 3: empty (not its turn)
+  step = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))
+  new, reply, reward, done, info = step(keys, state, action, params)
+  chex.assert_shape(reply.tokens, (4, env.reply_len))
+  text = lambda i: tok.decode(np.asarray(reply.tokens[i, :int(reply.length[i])]))
+  assert text(0) == ("\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n"
+                     "<|im_start|>assistant\n")
+  assert text(1).startswith("\n<|im_start|>user\n<tool_response>\nError: the tool call is not "
+                            "valid JSON")
+  np.testing.assert_array_equal(np.asarray(reply.length[2:]), [0, 0])
+  np.testing.assert_array_equal(np.asarray(done), [False, False, True, False])
+  np.testing.assert_allclose(np.asarray(reward), [0.0, -0.5, 0.0, 0.0])
+  np.testing.assert_array_equal(np.asarray(info["num_tool_calls"]), [1, 0, 0, 0])
+  np.testing.assert_array_equal(np.asarray(info["format_errors"]), [0, 1, 0, 0])
+  np.testing.assert_array_equal(np.asarray(reply.role), [base.ROLE_TOOL, base.ROLE_TOOL,
+                                                         base.ROLE_NONE, base.ROLE_TOOL])
+
+
+def test_prompt_budget_errors_name_the_setting(chatml_dir):
+  with pytest.raises(ValueError, match="prompt_len"):
+    make_env(chatml_dir, prompt_len=50)
+  with pytest.raises(ValueError, match="reply_len"):
+    make_env(chatml_dir, reply_len=20)
+
+
+# --- full rollouts: exact tokens and masks ----------------------------------------------------
+
+def expected_from_template(tok, env, row_tokens, row_turn, task, messages0):
+  """Rebuild the conversation from the decoded assistant turns, render it with the chat
+  template and tokenize: (ids, assistant mask) over the row's length."""
+  turns = []
+  for k in range(int(row_turn.max()) + 1):
+    ids = row_tokens[row_turn == k].tolist()
+    assert ids[-1] == tok.eot_id
+    turns.append(tok.decode(ids[:-1]))
+  messages = list(messages0)
+  for k, text in enumerate(turns):
+    messages.append({"role": "assistant", "content": text})
+    results, _, _, _ = env.respond(text, task)
+    if k < len(turns) - 1:  # the row ends with its last turn (answer, or out of turns)
+      assert results is not None
+      messages += [{"role": "tool", "content": r} for r in results]
+  rendered = tok.render(messages, [t.schema for t in env.tools.values()],
+                        add_generation_prompt=False)
+  enc = tok.tokenizer.encode(rendered, add_special_tokens=False)
+  ids = np.asarray(enc.ids)
+  # Assistant spans: each turn's content and its end-of-turn token.
+  mask = np.zeros(len(ids), bool)
+  head = tok.layout.header.format(role="assistant")
+  at = 0
+  for text in turns:
+    start = rendered.index(head + text + tok.layout.eot, at) + len(head)
+    end = start + len(text) + len(tok.layout.eot)
+    mask |= np.asarray([s >= start and e <= end for s, e in enc.offsets])
+    at = end
+  return ids, mask
+
+
+@pytest.mark.parametrize("force_expert", [True, False])
+def test_rollout_tokens_equal_the_chat_template(chatml_dir, force_expert):
+  env = make_env(chatml_dir)
+  tok = env.tokenizer
+  A = max(48, env.action_len)
+  T = env.prompt_len + env.max_turns * (A + env.reply_len)
+  cfg = tf.ModelConfig(vocab_size=tok.size + 5, d_model=32, num_layers=1, num_heads=2,
+                       num_kv_heads=1, mlp_dim=32)
+  params = tf.init_params(cfg, jax.random.key(1))
+  rc = rollout_lib.RolloutConfig(num_envs=8, group_size=2, max_len=T, turn_budget=A,
+                                 force_expert=force_expert)
+  host_turns = []
+  respond = env.respond
+  env.respond = lambda text, task: host_turns.append(text) or respond(text, task)
+  traj = jax.jit(rollout_lib.make_rollout(env, cfg, rc))(params, jax.random.key(3))
+  env.respond = respond
+  # The host sees each finished turn once, never rows in the middle of a turn or a reply.
+  assert len(host_turns) == int(np.asarray(traj.turn_valid).sum())
+  tokens, turn = np.asarray(traj.tokens), np.asarray(traj.turn)
+  mask = np.asarray(traj.loss_mask)
+  multi = 0
+  for b in range(rc.batch_size):
+    n = int(np.max(np.nonzero(turn[b] >= 0)[0])) + 1  # the row ends with its last turn
+    task_i = int(np.argmax([np.array_equal(
+        tokens[b, :env.prompt_len][:int(env.default_params.prompt_lens[i])],
+        np.asarray(env.default_params.prompts[i, :int(env.default_params.prompt_lens[i])]))
+        for i in range(env.num_tasks)]))
+    task = env.tasks[task_i]
+    messages0 = [{"role": "system", "content": "Be brief."},
+                 {"role": "user", "content": task.question}]
+    want, assistant = expected_from_template(tok, env, tokens[b, :n], turn[b, :n], task,
+                                             messages0)
+    # Exact tokens: the template applied to the same conversation, up to the final separator.
+    assert want[-1] == tok.encode(tok.layout.sep)[0]
+    np.testing.assert_array_equal(tokens[b, :n], want[:-1])
+    # turn >= 0 exactly on the assistant's tokens; loss_mask on those it sampled.
+    np.testing.assert_array_equal(turn[b, :n] >= 0, assistant[:-1])
+    if force_expert:
+      assert not mask[b].any()
+    else:
+      forced = np.zeros(n, bool)  # an end-of-turn forced by the turn budget is not sampled
+      for k in range(int(turn[b].max()) + 1):
+        pos = np.nonzero(turn[b, :n] == k)[0]
+        if len(pos) == A:
+          forced[pos[-1]] = True
+      np.testing.assert_array_equal(mask[b, :n], assistant[:-1] & ~forced)
+      assert not mask[b, n:].any()
+    multi += int(turn[b].max()) >= 1
+  assert multi >= 2, "the test needs multi-turn episodes"
+  if force_expert:  # the demonstrations solve every task
+    np.testing.assert_array_equal(np.asarray(traj.info["success"]), True)
+    assert np.asarray(traj.info["num_tool_calls"]).sum() > 0
+  else:
+    assert np.asarray(traj.info["format_errors"]).sum() > 0  # random calls are malformed
+
+
+# --- prompt datasets --------------------------------------------------------------------------
+
+def test_prompt_dataset_round_trip(tmp_path):
+  builder = prompts.build_prompt_dataset(
+      tmp_path, "qa", os.path.join(DATA, "qa_tasks.jsonl"),
+      test=os.path.join(DATA, "arith_tasks.jsonl"), corpus=os.path.join(DATA, "qa_corpus.jsonl"))
+  assert builder.builder_config.name == "qa"
+  assert prompts.list_prompt_datasets(tmp_path) == ["qa"]
+  tasks, corpus, meta = prompts.load_prompt_dataset(tmp_path, "qa", "train")
+  assert [t.id for t in tasks] == ["q1", "q2"]
+  assert tasks[1].answer == "the Amber River" and math.isnan(tasks[1].answer_value)
+  assert len(tasks[0].solution) == 3 and tasks[1].solution == ()
+  assert len(corpus) == 4 and corpus[1]["title"] == "Ida Haugen"
+  assert meta["rows"] == {"train": 2, "test": 4}
+  test_tasks, _, _ = prompts.load_prompt_dataset(tmp_path, "qa", "test")
+  assert [t.answer_value for t in test_tasks] == [408.0, 72.0, 300.0, 250.0]
+  assert test_tasks[1].answer == "72" and test_tasks[0].question.startswith("A shop sells")
+  # Rebuilding with the same sources reuses it; other sources under the same name are refused.
+  prompts.build_prompt_dataset(
+      tmp_path, "qa", os.path.join(DATA, "qa_tasks.jsonl"),
+      test=os.path.join(DATA, "arith_tasks.jsonl"), corpus=os.path.join(DATA, "qa_corpus.jsonl"))
+  with pytest.raises(ValueError, match="'qa'.*other files"):
+    prompts.build_prompt_dataset(tmp_path, "qa", os.path.join(DATA, "arith_tasks.jsonl"))
+  with pytest.raises(ValueError, match="no prompt dataset 'nope'"):
+    prompts.load_prompt_dataset(tmp_path, "nope")
+
+
+def test_bad_task_files_name_the_line(tmp_path):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"question": "q", "answer": 1}\n{"question": "q2"}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'answer'"):
+    prompts.read_tasks(str(bad))
+  bad.write_text('{"question": "q", "answer": 1}\nnot json\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+    prompts.read_tasks(str(bad))
+  bad.write_text('{"question": "q", "answer": 1, "solution": "x"}\n')
+  with pytest.raises(ValueError, match="solution"):
+    prompts.read_tasks(str(bad))
+
+
+def test_env_from_config_with_search(tmp_path, chatml_dir):
+  env, params = json_tool.from_config(dict(
+      name="json_tool", checkpoint=chatml_dir, data_dir=str(tmp_path),
+      tasks=os.path.join(DATA, "qa_tasks.jsonl"), corpus=os.path.join(DATA, "qa_corpus.jsonl"),
+      tools=["search"], reply_len=200, max_turns=3, format_penalty=0.1))
+  assert env.num_tasks == 2 and set(env.tools) == {"search"}
+  assert float(params.format_penalty) == pytest.approx(0.1)
+  results, _, calls, _ = env.respond(
+      '<tool_call>{"name": "search", "arguments": {"query": "Ida Haugen born"}}</tool_call>',
+      env.tasks[0])
+  assert calls == 1 and "Bergen" in results[0].split("\n")[0]
+  with pytest.raises(ValueError, match="unknown keys"):
+    json_tool.from_config(dict(name="json_tool", checkpoint=chatml_dir, colour="red"))
+  with pytest.raises(ValueError, match="search tool needs a corpus"):
+    json_tool.from_config(dict(name="json_tool", checkpoint=chatml_dir, data_dir=str(tmp_path),
+                               tasks=os.path.join(DATA, "arith_tasks.jsonl"), tools=["search"]))

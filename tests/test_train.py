@@ -298,3 +298,20 @@ def test_init_from_another_runs_checkpoint(tmp_path):
   chex.assert_trees_all_equal(start_rl(state).ref_params, sft_state.params["policy"])
   with pytest.raises(SystemExit, match="has no checkpoint"):
     train_cli._init_from(str(tmp_path), init, start_rl, jax.random.key(8))
+
+
+@pytest.mark.slow
+def test_cli_sft_then_rl_from_its_checkpoint(tmp_path):
+  small = ["--config", "configs/quickstart.py", "--config.rollout.num_envs=4",
+           "--config.train.eval_envs=4", "--config.sft.batch_size=4"]
+  sft = subprocess.run([sys.executable, "-m", "experiments.sft", *small, "--workdir",
+                        str(tmp_path / "sft"), "--config.sft.steps=3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert sft.returncode == 0, sft.stderr[-3000:]
+  rl = subprocess.run([sys.executable, "-m", "experiments.train", *small, "--workdir",
+                       str(tmp_path / "rl"), f"--config.init_from={tmp_path / 'sft'}",
+                       "--config.sft.steps=0", "--config.train.steps=1"],
+                      cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert rl.returncode == 0, rl.stderr[-3000:]
+  assert "initialised from" in rl.stdout and "step 3 (rl)" in rl.stdout
+  assert [r["step"] for r in metrics_lib.read_metrics(tmp_path / "rl" / "metrics.jsonl")] == [0, 1]

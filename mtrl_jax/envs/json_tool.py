@@ -490,7 +490,7 @@ def from_config(section: Mapping[str, Any]) -> tuple[JsonToolEnv, JsonToolParams
 
   Keys: checkpoint (directory with tokenizer.json, normally the model's), data_dir + dataset
   (a TFDS prompt dataset), or tasks (+ corpus) JSONL files built into `data_dir` on first use;
-  split; tools (names, see `make_tools`); system; layout ("auto" | "chatml" | "llama3");
+  split; tools (names, see `make_tools`: a list or "calculator,search"); system; layout ("auto" | "chatml" | "llama3");
   prompt_len (0 = longest prompt); reply_len; max_turns; max_calls_per_turn; noise,
   format_penalty, correct_reward (EnvParams). Unknown keys are errors that list these.
   """
@@ -516,7 +516,9 @@ def from_config(section: Mapping[str, Any]) -> tuple[JsonToolEnv, JsonToolParams
     raise ValueError("set env.dataset (a prompt dataset in env.data_dir) or env.tasks (a JSONL "
                      "file of tasks)")
   tasks, corpus, _ = prompt_data.load_prompt_dataset(data_dir, dataset, kw.get("split", "train"))
-  tools = make_tools(list(kw.get("tools", ("calculator",))), corpus)
+  tools = kw.get("tools", "calculator")
+  tools = [t.strip() for t in tools.split(",") if t.strip()] if isinstance(tools, str) else tools
+  tools = make_tools(list(tools), corpus)
   env = JsonToolEnv(tokenizer, tasks, tools, system=kw.get("system", DEFAULT_SYSTEM) or None,
                     prompt_len=kw.get("prompt_len") or None, reply_len=kw.get("reply_len", 128),
                     max_turns=kw.get("max_turns", 4),

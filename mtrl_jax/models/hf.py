@@ -485,3 +485,37 @@ def greedy_generate(config: tf.ModelConfig, params, tokens: jax.Array, lengths: 
   _, out = jax.lax.scan(step, (first, lengths.astype(jnp.int32), cache), None,
                         length=max_new_tokens)
   return out.T
+
+
+# --- initial params for training -------------------------------------------------------------
+
+def actor_critic_from_checkpoint(config: tf.ModelConfig, path: str | os.PathLike, *,
+                                 separate_critic: bool = False) -> dict[str, Any]:
+  """`transformer.init_actor_critic`'s params, with the weights of checkpoint `path`.
+
+  Works inside `jax.jit` / `jax.vmap` (a trainer's `init`): the tensors come in through one
+  `jax.pure_callback` that streams the checkpoint from disk when the computation runs, so they
+  are never baked into the compiled program as constants. The policy (and a separate critic,
+  which starts from the same weights without the LM head) get a zero-initialised value head
+  where the config has one. `config` must describe the checkpoint (`model_config_from_hf`);
+  its `param_dtype` is the dtype the tensors are cast to.
+  """
+  path = os.fspath(path)
+  shapes = param_shapes(config)
+  dtype = config.jnp_param_dtype
+  struct: dict[str, Any] = {}
+  for target, shape in shapes.items():
+    _set(struct, target, jax.ShapeDtypeStruct(shape, dtype))
+
+  def host():
+    _, params = load_hf_checkpoint(path, dtype=config.param_dtype, as_numpy=True)
+    return params
+
+  weights = jax.pure_callback(host, struct)
+  policy_cfg = dataclasses.replace(config, value_head=not separate_critic)
+  policy = with_value_head(config, weights)[1] if policy_cfg.value_head else weights
+  out = {"policy": policy}
+  if separate_critic:
+    critic = {k: v for k, v in weights.items() if k != "lm_head"}
+    out["critic"] = with_value_head(config, critic)[1]
+  return out

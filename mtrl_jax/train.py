@@ -34,6 +34,12 @@ def build_env(section: Mapping[str, Any]) -> tuple[envs_base.Environment, Any]:
   if "name" not in kwargs:
     raise ValueError(f"config.env.name is missing; known environments: {registry.list_envs()}")
   name = kwargs.pop("name")
+  if name == "json_tool":  # real tokenizer, Python tools (mtrl_jax.envs.json_tool; hf extra)
+    from mtrl_jax.envs import json_tool
+    try:
+      return json_tool.from_config({"name": name, **kwargs})
+    except ValueError as e:
+      raise ValueError(f"config.env: {e}") from None
   try:
     return registry.make(name, **kwargs)
   except ValueError as e:
@@ -41,9 +47,25 @@ def build_env(section: Mapping[str, Any]) -> tuple[envs_base.Environment, Any]:
 
 
 def build_model_config(section: Mapping[str, Any], vocab_size: int) -> tf.ModelConfig:
-  """`config.model` = {preset, **ModelConfig overrides} -> ModelConfig."""
+  """`config.model` = {preset, **ModelConfig overrides} -> ModelConfig.
+
+  With `checkpoint` (a Hugging Face checkpoint directory, `mtrl_jax.models.hf`) the
+  architecture is the checkpoint's: `preset` is ignored, `param_dtype`/`dtype` and other
+  ModelConfig fields (e.g. `remat`) still apply, and `Trainer.init` loads its weights."""
   kwargs = _as_dict(section)
   preset = kwargs.pop("preset", "tiny")
+  checkpoint = kwargs.pop("checkpoint", "")
+  if checkpoint:
+    from mtrl_jax.models import hf
+    try:
+      return hf.model_config_from_hf(
+          hf.load_hf_config(checkpoint), dtype=kwargs.pop("param_dtype", "float32"),
+          compute_dtype=kwargs.pop("dtype", None), **{"value_head": True, **kwargs})
+    except (ValueError, FileNotFoundError) as e:
+      raise ValueError(f"config.model.checkpoint: {e}") from None
+  if preset == "hf":
+    raise ValueError("config.model.checkpoint is not set (preset 'hf' loads a Hugging Face "
+                     "checkpoint directory)")
   try:
     return tf.model_config(preset, vocab_size, **kwargs)
   except ValueError as e:
@@ -181,8 +203,14 @@ class Trainer:
   # --- init / SFT --------------------------------------------------------------------------
   def init(self, key) -> TrainState:
     k_model, k_rng = jax.random.split(key)
-    params = tf.init_actor_critic(self.model_config, k_model,
-                                  separate_critic=self.algo.separate_critic)
+    checkpoint = self.config.model.get("checkpoint", "")
+    if checkpoint:  # a Hugging Face checkpoint's weights (streamed in by a host callback)
+      from mtrl_jax.models import hf
+      params = hf.actor_critic_from_checkpoint(self.model_config, checkpoint,
+                                               separate_critic=self.algo.separate_critic)
+    else:
+      params = tf.init_actor_critic(self.model_config, k_model,
+                                    separate_critic=self.algo.separate_critic)
     return TrainState(params=params, opt_state=self.sft_opt.init(params),
                       ref_params=params["policy"], step=jnp.int32(0), rng=k_rng)
 

@@ -21,12 +21,26 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.11,<4",
 ]
 
+# Hugging Face checkpoints and tokenizers (mtrl_jax.models.hf / chat, envs.json_tool); imported
+# lazily, so the core install does not need them.
+HF = [
+    "safetensors>=0.8.0,<0.9",
+    "tokenizers>=0.23.3,<0.24",
+    "jinja2>=3.1.6,<4",  # chat templates
+]
+
 EXTRAS = {
+    "hf": HF,
     "test": [
         "pytest>=9.2,<10",
         "pytest-xdist>=3.8,<4",
         "hypothesis>=6.170,<7",
         "rank-bm25>=0.2.2,<0.3",  # reference BM25 for the retrieval environment's ranker
+        *HF,
+        # Parity tests against the reference implementation (tiny random models, CPU). Pinned
+        # exactly: a newer torch would be a multi-GB CUDA build.
+        "torch==2.13.0",
+        "transformers>=5.23.0,<6",
     ],
 }
 

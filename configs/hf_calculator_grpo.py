@@ -14,8 +14,11 @@ once into a TFDS prompt dataset in `env.data_dir` (or name a built one with `env
 `env.corpus`) as Hermes `<tool_call>` JSON and ends with `<answer>...</answer>`; reward 1 for a
 right final answer. docs/HF.md explains every field and the memory needed.
 
-Sizes are for one 80 GB GPU and a 0.5B-1.5B model: 8 prompts x 8 rollouts per step, 2048-token
-rows, f32 master weights with bf16 matmuls, rematerialised blocks.
+Sizes are meant for one 80 GB GPU and a 0.5B-1.5B model (not yet run on one: see docs/HF.md):
+4 prompts x 4 rollouts per step in 1024-token rows, f32 master weights with bf16 matmuls,
+rematerialised blocks. The train step scores the whole batch in one forward, whose f32 logits
+are batch x max_len x vocab (16 x 1024 x 151936 x 4 bytes = 10 GB for Qwen): raise
+`rollout.num_envs` / `max_len` with that in mind, and `algo.minibatches` with them.
 """
 
 import ml_collections
@@ -39,19 +42,19 @@ def get_config() -> ml_collections.ConfigDict:
               "know the final answer, reply with it inside <answer></answer> tags."),
       layout="auto",              # chatml (Qwen) | llama3 | auto (from the tokenizer)
       prompt_len=0,               # 0: the longest prompt of the dataset
-      reply_len=256, max_turns=4, max_calls_per_turn=4,
+      reply_len=128, max_turns=3, max_calls_per_turn=4,
       format_penalty=0.0, correct_reward=1.0, noise=0.0))
   config.model = ml_collections.ConfigDict(dict(
       preset="hf", checkpoint=checkpoint, param_dtype="float32", dtype="bfloat16", remat=True))
   config.rollout = ml_collections.ConfigDict(dict(
-      num_envs=8, group_size=8, max_len=2048, turn_budget=384, think_budget=None,
+      num_envs=4, group_size=4, max_len=1024, turn_budget=256, think_budget=None,
       max_turns=None, temperature=1.0, top_k=0, top_p=1.0))
   config.algo.update(dict(
       advantage="grpo", scale_by_std=True, vf_coef=0.0, eps_low=0.2, eps_high=0.28,
-      loss_agg="token_mean", kl_coef=0.0, epochs=1, minibatches=8))
+      loss_agg="token_mean", kl_coef=0.0, epochs=1, minibatches=4))
   config.optim.update(dict(lr=1e-6, warmup=10, grad_clip=1.0, weight_decay=0.0))
   config.sft.steps = 0  # the checkpoint is the warm start (and the KL reference)
-  config.train.update(dict(steps=200, eval_every=20, eval_envs=32, checkpoint_every=20,
+  config.train.update(dict(steps=200, eval_every=20, eval_envs=16, checkpoint_every=20,
                            keep_checkpoints=2, num_seeds=1))
   config.num_samples = 2
   return config

@@ -17,8 +17,9 @@ separator a chat template inserts and the model never emits itself: the policy o
 samples turn content and the end-of-turn token.
 
 Seam for real tokenizers: `TokenizerAdapter` is the interface the rollout and the renderer
-need. `Vocab` implements it with one id per symbol; the Hugging Face adapter (a later module,
-`mtrl_jax/models/hf.py`) maps each symbol to a token *sequence* of a real tokenizer.
+need. `Vocab` implements it with one id per symbol; the Hugging Face adapter
+(`mtrl_jax.models.chat.ChatTokenizer`) speaks a real tokenizer's ids with the model's chat
+template, and maps each symbol to a token *sequence* (`symbol_ids`, `symbol_table`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,11 @@ DIGITS: tuple[str, ...] = tuple(str(d) for d in range(10))
 
 
 class TokenizerAdapter(Protocol):
-  """What the rollout, the environments' wrappers and the renderer need from a tokenizer."""
+  """What the rollout, the environments' wrappers and the renderer need from a tokenizer.
+
+  Also used: `size` (ids >= size are never sampled), `symbol in adapter` / `id(symbol)` for
+  single-token control symbols (`<think>`), and optionally `never_sampled_ids()`.
+  """
 
   pad_id: int
   eot_id: int

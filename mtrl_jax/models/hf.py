@@ -5,6 +5,11 @@
     save_hf_checkpoint("/out/policy", model_config, params, hf_config=load_hf_config(src),
                        tokenizer_from=src)            # transformers / vLLM can serve /out/policy
 
+Training from a checkpoint: `config.model.checkpoint` (see `configs/hf_calculator_grpo.py`)
+makes `Trainer.init` start from its weights (`actor_critic_from_checkpoint`), and
+`export_trained_policy` writes a run's policy back as a checkpoint directory. docs/HF.md is
+the user guide.
+
 A checkpoint directory is what `save_pretrained` writes: `config.json` plus `model.safetensors`,
 or shards listed in `model.safetensors.index.json`. Only local files are read; nothing here
 touches the network.

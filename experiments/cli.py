@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 
 from absl import flags
+from ml_collections import config_flags
+
+from mtrl_jax import checkpoint as ckpt_lib
+
+# The --config flag of every experiment program (ml_collections config file + overrides).
+CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
+                                         lock_config=True)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -46,3 +54,30 @@ def _load_config(argv: list[str]):
       except Exception:  # the real parse reports problems with the file itself
         return None
   return None
+
+
+def init_from_run(source: str, init, start_rl, seed_keys):
+  """Params of the latest checkpoint in the run directory `source` (or its `checkpoints/`)."""
+  directory = os.path.join(source, "checkpoints")
+  directory = directory if os.path.isdir(directory) else source
+  if not os.path.isdir(directory):
+    sys.exit(f"error: config.init_from={source!r} is not a directory")
+  ckpt = ckpt_lib.Checkpointer(directory, save_every=1, keep=1)
+  step = ckpt.latest_step()
+  if step is None:
+    sys.exit(f"error: config.init_from={source!r} has no checkpoint")
+  # A finished SFT phase was saved with the RL optimizer, an unfinished one with the SFT one.
+  template = init(seed_keys)
+  errors = []
+  for t in (start_rl(template), template):
+    try:
+      state, meta = ckpt.restore(t, step)
+      break
+    except ckpt_lib.CheckpointError as e:
+      errors.append(str(e))
+  else:
+    sys.exit(f"error: config.init_from={source!r}: its checkpoint does not fit this config's "
+             f"model and seeds:\n{errors[0]}")
+  ckpt.close()
+  print(f"initialised from {directory} step {step} ({meta.get('phase')})")
+  return template.replace(params=state.params)

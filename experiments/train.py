@@ -29,7 +29,6 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from experiments import cli
 from mtrl_jax import checkpoint as ckpt_lib
@@ -37,8 +36,6 @@ from mtrl_jax import metrics as metrics_lib
 from mtrl_jax import train as train_lib
 from mtrl_jax import vocab as V
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
-                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>).")
 flags.mark_flags_as_required(["config"])
 
@@ -73,37 +70,10 @@ def _dataset_batches(config, trainer):
   return ((b["tokens"], b["loss_mask"]) for b in batches)
 
 
-def _init_from(source: str, init, start_rl, seed_keys):
-  """Params of the latest checkpoint in the run directory `source` (or its `checkpoints/`)."""
-  directory = os.path.join(source, "checkpoints")
-  directory = directory if os.path.isdir(directory) else source
-  if not os.path.isdir(directory):
-    sys.exit(f"error: config.init_from={source!r} is not a directory")
-  ckpt = ckpt_lib.Checkpointer(directory, save_every=1, keep=1)
-  step = ckpt.latest_step()
-  if step is None:
-    sys.exit(f"error: config.init_from={source!r} has no checkpoint")
-  # A finished SFT phase was saved with the RL optimizer, an unfinished one with the SFT one.
-  template = init(seed_keys)
-  errors = []
-  for t in (start_rl(template), template):
-    try:
-      state, meta = ckpt.restore(t, step)
-      break
-    except ckpt_lib.CheckpointError as e:
-      errors.append(str(e))
-  else:
-    sys.exit(f"error: config.init_from={source!r}: its checkpoint does not fit this config's "
-             f"model and seeds:\n{errors[0]}")
-  ckpt.close()
-  print(f"initialised from {directory} step {step} ({meta.get('phase')})")
-  return template.replace(params=state.params)
-
-
 def main(argv, *, sft_only: bool = False):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  config = _CONFIG.value
+  config = cli.CONFIG.value
   if sft_only:
     config.train.steps = 0
   name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
@@ -155,7 +125,7 @@ def main(argv, *, sft_only: bool = False):
       sys.exit(f"error: cannot resume from {workdir}: {e}")
     print(f"resumed from step {step} ({meta.get('phase')})")
   elif config.init_from:
-    state = _init_from(config.init_from, init, start_rl, seed_keys)
+    state = cli.init_from_run(config.init_from, init, start_rl, seed_keys)
   else:
     state = init(seed_keys)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=step if step else None)

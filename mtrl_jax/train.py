@@ -331,7 +331,9 @@ class Trainer:
       std = jnp.sqrt(self._sum(jnp.sum(jnp.where(mask, (adv - mean) ** 2, 0.0))) / n)
       adv = (adv - mean) / (std + 1e-6)
     weights = jnp.ones((B,))
-    frac_kept = jnp.float32(1.0)
+    # Groups whose returns are all equal carry no GRPO/RLOO signal (DAPO's motivation).
+    frac_kept = (advantages.dynamic_sampling_weights(returns, rc.group_size)[1]
+                 if rc.group_size > 1 else jnp.float32(1.0))
     if algo.dynamic_sampling:
       weights, frac_kept = advantages.dynamic_sampling_weights(returns, rc.group_size)
       if self.axis_name is not None:  # renormalise over the global batch, not this device's
@@ -428,14 +430,22 @@ class Trainer:
     return state, out
 
   def evaluate(self, params, key):
+    """Greedy rollouts of `train.eval_envs` episodes: success, return, tool calls, turns,
+    truncation, and the mean of every other numeric `info` entry of the environment (e.g.
+    clarify's `num_asks`, `first_turn_ask`) as `eval/<name>`."""
     traj = self.eval_rollout(params["policy"], key, self.env_params)
     info = traj.info
-    return {
-        "eval/success_rate": jnp.mean(info["success"].astype(jnp.float32)),
+    mean = lambda x: jnp.mean(x.astype(jnp.float32))
+    out = {f"eval/{k}": mean(v) for k, v in info.items()
+           if v.ndim == 1 and k not in ("success", "num_tool_calls")}
+    out.update({
+        "eval/success_rate": mean(info["success"]),
         "eval/return": jnp.mean(traj.returns),
-        "eval/tool_calls": jnp.mean(info["num_tool_calls"].astype(jnp.float32)),
-        "eval/turns": jnp.mean(jnp.sum(traj.turn_valid, axis=1).astype(jnp.float32)),
-    }
+        "eval/tool_calls": mean(info["num_tool_calls"]),
+        "eval/turns": mean(jnp.sum(traj.turn_valid, axis=1)),
+        "eval/truncated": mean(traj.truncated),
+    })
+    return out
 
   def train(self, key):
     """The whole run as one pure function: SFT steps, then RL steps (`lax.scan` each).

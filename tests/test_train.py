@@ -282,7 +282,7 @@ def test_sft_from_a_tfds_dataset(tmp_path):
 def test_init_from_another_runs_checkpoint(tmp_path):
   """`config.init_from`: the params of an SFT run's last checkpoint (saved after the switch to
   the RL optimizer) start the new run; everything else is the new run's fresh state."""
-  from experiments import train as train_cli
+  from experiments import cli
   tr, sft_step, _, start_rl = trainer_and_fns()
   sft_state, _ = sft_step(tr.init(jax.random.key(7)))
   sft_state = start_rl(sft_state)
@@ -290,14 +290,14 @@ def test_init_from_another_runs_checkpoint(tmp_path):
     ckpt.save(1, sft_state, {"phase": "rl"}, force=True)
   init = jax.jit(tr.init)
   fresh = init(jax.random.key(8))
-  state = train_cli._init_from(str(tmp_path / "sft"), init, start_rl, jax.random.key(8))
+  state = cli.init_from_run(str(tmp_path / "sft"), init, start_rl, jax.random.key(8))
   chex.assert_trees_all_equal(state.params, sft_state.params)
   chex.assert_trees_all_equal(state.opt_state, fresh.opt_state)  # the SFT optimizer, fresh
   assert int(state.step) == 0
   # The KL reference of the RL phase is the loaded policy.
   chex.assert_trees_all_equal(start_rl(state).ref_params, sft_state.params["policy"])
   with pytest.raises(SystemExit, match="has no checkpoint"):
-    train_cli._init_from(str(tmp_path), init, start_rl, jax.random.key(8))
+    cli.init_from_run(str(tmp_path), init, start_rl, jax.random.key(8))
 
 
 @pytest.mark.slow

@@ -1,0 +1,282 @@
+"""Tables and plots of docs/RESULTS.md from the runs of `python -m experiments.results`:
+
+    python -m experiments.report [--root runs/results] [--docs docs]
+
+For every experiment whose runs exist it computes, per arm, the mean and 95% confidence
+interval over seeds (Student t, n - 1 degrees of freedom) of the final evaluation metrics, writes
+a learning-curve plot `docs/results_<experiment>.png` (greedy eval success vs RL step, mean over
+seeds with the 95% band), and replaces the text between `<!-- report:<experiment> -->` and
+`<!-- /report:<experiment> -->` in `docs/RESULTS.md` with the table. Arms with no runs yet are
+listed as "not run". Nothing is trained here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from experiments import results as R
+from mtrl_jax import metrics as metrics_lib
+
+_DOCS = flags.DEFINE_string("docs", "docs", "Where RESULTS.md and the plots are.")
+
+# Two-sided 95% Student t quantiles by degrees of freedom (1..30); 1.96 beyond.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_ci(values) -> tuple[float, float]:
+  """(mean, half-width of the 95% t interval) over seeds; half-width 0 for one value."""
+  x = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
+  if x.size == 0:
+    return math.nan, math.nan
+  if x.size == 1:
+    return float(x[0]), 0.0
+  t = _T95[x.size - 2] if x.size - 1 <= len(_T95) else 1.96
+  return float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(x.size))
+
+
+def per_seed(record: dict, key: str) -> list[float]:
+  """The per-seed values of `key` in one metrics record (`key/seed<i>`, or `key` alone)."""
+  seeds = sorted((int(k.rsplit("seed", 1)[1]), v) for k, v in record.items()
+                 if k.startswith(key + "/seed"))
+  if seeds:
+    return [v for _, v in seeds]
+  return [record[key]] if key in record else []
+
+
+def last_eval(records: list[dict]) -> dict:
+  evals = [r for r in records if r.get("eval/success_rate") is not None]
+  return evals[-1] if evals else {}
+
+
+def window(records: list[dict], key: str, last: int = 10) -> list[float]:
+  """Per-seed mean of `key` over the last `last` records that have it."""
+  rows = [per_seed(r, key) for r in records if r.get(key) is not None][-last:]
+  return list(np.mean(np.asarray(rows, np.float64), axis=0)) if rows else []
+
+
+def fmt(values, scale: float = 1.0, digits: int = 2) -> str:
+  m, h = mean_ci(values)
+  if math.isnan(m):
+    return "-"
+  return f"{m * scale:.{digits}f} ± {h * scale:.{digits}f}"
+
+
+def _records(root, experiment, name):
+  path = os.path.join(R.arm_dir(root, experiment, name), "metrics.jsonl")
+  return metrics_lib.read_metrics(path) if os.path.exists(path) else None
+
+
+def _seeds(records) -> int:
+  return len(per_seed(last_eval(records), "eval/success_rate"))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def eval_table(root, experiment, arms, columns) -> tuple[str, dict]:
+  """Rows of final greedy-eval metrics per arm; columns: [(title, key, scale)]."""
+  rows, curves = [], {}
+  for label, (exp, name) in arms:
+    recs = _records(root, exp, name)
+    if not recs:
+      rows.append([label, "not run"] + [""] * len(columns))
+      continue
+    final = last_eval(recs)
+    rows.append([label, str(_seeds(recs))] + [fmt(per_seed(final, key), scale)
+                                              for _, key, scale in columns])
+    curves[label] = recs
+  return _table(["arm", "seeds"] + [c[0] for c in columns], rows), curves
+
+
+def plot(curves: dict, path: str, title: str, key: str = "eval/success_rate") -> str | None:
+  """Mean over seeds with a 95% band of `key` against RL step, one line per arm."""
+  curves = {k: v for k, v in curves.items() if any(r.get(key) is not None for r in v)}
+  if not curves:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  for label, recs in curves.items():
+    pts = [(r["step"], mean_ci(per_seed(r, key))) for r in recs if r.get(key) is not None]
+    first = pts[0][0]
+    steps = np.asarray([s - first for s, _ in pts])
+    m = np.asarray([c[0] for _, c in pts])
+    h = np.asarray([c[1] for _, c in pts])
+    ax.plot(steps, m, label=label)
+    ax.fill_between(steps, m - h, m + h, alpha=0.2)
+  ax.set_xlabel("RL step (0 = the SFT warm start)")
+  ax.set_ylabel(key)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def report_tool_use(root):
+  out = []
+  curves_all = {}
+  for env, title in (("calculator", "calculator"), ("search2", "search, 2 hops"),
+                     ("search3", "search, 3 hops")):
+    arms = [(f"{env}: SFT only", ("tool_use", f"{env}_sft")),
+            (f"{env}: SFT + PPO (turn critic)", ("tool_use", f"{env}_ppo")),
+            (f"{env}: SFT + GRPO", ("tool_use", f"{env}_grpo"))]
+    table, curves = eval_table(root, "tool_use", arms, [
+        ("eval success", "eval/success_rate", 1), ("tool calls", "eval/tool_calls", 1),
+        ("turns", "eval/turns", 1), ("format errors", "eval/format_errors", 1)])
+    out.append(f"**{title}**\n\n{table}")
+    curves_all.update({k: v for k, v in curves.items() if "SFT only" not in k})
+  return "\n\n".join(out), curves_all
+
+
+def report_clarify(root):
+  arms = [("SFT only", ("clarify", "sft")),
+          ("PPO, trajectory-level critic (gamma_turn = 1)", ("clarify", "ppo_trajectory")),
+          ("PPO, myopic (gamma_turn = 0)", ("clarify", "ppo_myopic")),
+          ("GRPO on the trajectory return", ("clarify", "grpo"))]
+  table, curves = eval_table(root, "clarify", arms, [
+      ("eval success", "eval/success_rate", 1), ("asks", "eval/num_asks", 1),
+      ("first turn asks", "eval/first_turn_ask", 1), ("premature answers", "eval/premature", 1),
+      ("turns", "eval/turns", 1)])
+  return table, {k: v for k, v in curves.items() if k != "SFT only"}
+
+
+def report_lic(root):
+  rows = []
+  for policy, label in (("sft", "SFT only"), ("ppo_trajectory", "PPO trajectory"),
+                        ("ppo_myopic", "PPO myopic"), ("grpo", "GRPO")):
+    data = {}
+    for variant in ("full", "sharded"):
+      path = os.path.join(R.arm_dir(root, "clarify", policy), f"lic_{variant}.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          data[variant] = json.load(f)["per_seed"]
+    if len(data) < 2:
+      rows.append([label, "not run"] + [""] * 6)
+      continue
+    get = lambda v, k: [s[k] for s in data[v]]
+    drop = [(f["P"] - s["P"]) / f["P"] if f["P"] > 0 else math.nan
+            for f, s in zip(data["full"], data["sharded"])]
+    rows.append([label, str(len(data["full"])), fmt(get("full", "P"), digits=1),
+                 fmt(get("sharded", "P"), digits=1), fmt(drop, 100, 1),
+                 fmt(get("sharded", "A90"), digits=1), fmt(get("full", "U90_10"), digits=1),
+                 fmt(get("sharded", "U90_10"), digits=1)])
+  return _table(["policy", "seeds", "P full", "P sharded", "drop %", "A90 sharded",
+                 "U90-10 full", "U90-10 sharded"], rows), {}
+
+
+def _train_table(root, arms, extra):
+  """Eval success plus train-time statistics (mean of the last 10 steps) per arm."""
+  rows, curves = [], {}
+  for label, (exp, name) in arms:
+    recs = _records(root, exp, name)
+    if not recs:
+      rows.append([label, "not run"] + [""] * (1 + len(extra)))
+      continue
+    final = last_eval(recs)
+    evals = [per_seed(r, "eval/success_rate") for r in recs
+             if r.get("eval/success_rate") is not None]
+    rows.append([label, str(_seeds(recs)), fmt(per_seed(final, "eval/success_rate"))] +
+                [fmt(fn(recs, evals)) for _, fn in extra])
+    curves[label] = recs
+  return _table(["arm", "seeds", "eval success"] + [t for t, _ in extra], rows), curves
+
+
+def report_masking(root):
+  arms = [("tool replies masked (default)", ("tool_use", "search2_ppo")),
+          ("tool replies in the loss", ("masking", "unmasked"))]
+  return _train_table(root, arms, [
+      ("worst eval success after step 0",
+       lambda recs, evals: list(np.min(np.asarray(evals[1:] or evals), axis=0))),
+      ("grad norm", lambda recs, evals: window(recs, "train/grad_norm")),
+      ("skipped updates", lambda recs, evals: window(recs, "train/nan_skipped", 10 ** 9)),
+  ])
+
+
+def report_dapo(root):
+  arms = [("GRPO (seq-mean loss, eps 0.2)", ("dapo_ladder", "1_grpo")),
+          ("+ clip-higher (eps_high 0.28)", ("dapo_ladder", "2_clip_higher")),
+          ("+ token-level loss", ("dapo_ladder", "3_token_loss")),
+          ("+ overlong shaping", ("dapo_ladder", "4_overlong")),
+          ("+ dynamic sampling (= DAPO)", ("dapo_ladder", "5_dynamic_sampling"))]
+  return _train_table(root, arms, [
+      ("entropy", lambda recs, evals: window(recs, "train/entropy")),
+      ("zero-advantage groups",
+       lambda recs, evals: [1 - x for x in window(recs, "train/frac_groups_kept")]),
+      ("truncated", lambda recs, evals: window(recs, "train/truncated")),
+  ])
+
+
+REPORTS = {
+    "tool_use": (report_tool_use, "Greedy eval success during RL"),
+    "clarify": (report_clarify, "Clarify: greedy eval success"),
+    "lost_in_conversation": (report_lic, None),
+    "masking": (report_masking, "Search (2 hops): masking ablation"),
+    "dapo_ladder": (report_dapo, "Search (3 hops): the DAPO ladder"),
+}
+
+
+def compute_statement(root) -> str:
+  path = os.path.join(root, "timing.jsonl")
+  if not os.path.exists(path):
+    return "No timing recorded yet."
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  by_exp = {}
+  for r in rows:
+    by_exp[r["experiment"]] = by_exp.get(r["experiment"], 0.0) + r["wall_s"]
+  parts = ", ".join(f"{k} {v / 60:.0f} min" for k, v in by_exp.items())
+  return f"Wall time on this machine: {sum(by_exp.values()) / 60:.0f} min in all ({parts})."
+
+
+def update_markdown(text: str, name: str, body: str) -> str:
+  pattern = re.compile(rf"(<!-- report:{name} -->\n).*?(\n<!-- /report:{name} -->)", re.S)
+  if not pattern.search(text):
+    return text
+  return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
+def main(argv):
+  del argv
+  write_report(R._ROOT.value, _DOCS.value)
+
+
+def write_report(root: str, docs: str) -> None:
+  """Print every table, write the plots, update docs/RESULTS.md between its markers."""
+  if not os.path.isdir(root):
+    sys.exit(f"error: --root {root!r} does not exist; run `python -m experiments.results run "
+             f"<experiment>` first")
+  os.makedirs(docs, exist_ok=True)
+  md_path = os.path.join(docs, "RESULTS.md")
+  text = open(md_path).read() if os.path.exists(md_path) else ""
+  for name, (fn, title) in REPORTS.items():
+    table, curves = fn(root)
+    png = plot(curves, os.path.join(docs, f"results_{name}.png"), title) if title else None
+    body = table + (f"\n\n![{title}](results_{name}.png)" if png else "")
+    print(f"## {name}\n\n{body}\n")
+    text = update_markdown(text, name, body)
+  compute = compute_statement(root)
+  print(compute)
+  text = update_markdown(text, "compute", compute)
+  if text:
+    with open(md_path, "w") as f:
+      f.write(text)
+    print(f"updated {md_path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,170 @@
+"""The experiments behind docs/RESULTS.md, one command each:
+
+    python -m experiments.results list                 # experiments, arms and their commands
+    python -m experiments.results run tool_use         # train every arm (resumable; done arms skipped)
+    python -m experiments.results run all
+    python -m experiments.report                       # tables + plots from the runs' metrics
+
+Every arm is an ordinary `experiments.sft` / `experiments.train` / `experiments.evaluate`
+command on a config in `configs/` plus overrides, run in `runs/results/<experiment>/<arm>`,
+with `num_seeds` seeds trained at once (`jax.vmap`). RL arms start from their experiment's SFT
+arm (`config.init_from`), so "SFT only" and each RL method share the same warm start, seed by
+seed. Wall time per arm is appended to `runs/results/timing.jsonl` (the compute statement of
+RESULTS.md). `--seeds`, `--rl_steps` and `--sft_steps` scale everything down or up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_ROOT = flags.DEFINE_string("root", "runs/results", "Where the runs go.")
+_SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds per arm (vmapped).")
+_SFT_STEPS = flags.DEFINE_integer("sft_steps", 300, "SFT steps of the warm starts.")
+_RL_STEPS = flags.DEFINE_integer("rl_steps", 80, "RL steps of every RL arm.")
+_DRY = flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One run: `program` (sft | train | evaluate) on `config` with `overrides`.
+
+  `init_from`: the arm (same experiment unless it contains a '/') whose checkpoint starts this
+  one. For `evaluate` arms, `init_from` is the run evaluated and `out` the JSON file written.
+  """
+  name: str
+  program: str
+  config: str
+  overrides: tuple[str, ...] = ()
+  init_from: str | None = None
+  out: str | None = None
+
+
+def _warm_start(name: str, config: str, *overrides: str) -> Arm:
+  return Arm(name, "sft", config, overrides)
+
+
+def _rl(name: str, config: str, sft: str, *overrides: str) -> Arm:
+  return Arm(name, "train", config, overrides, init_from=sft)
+
+
+SEARCH3 = ("--config.env.hops=3", "--config.rollout.max_len=144")
+GRPO_SEQ = ("--config.algo.loss_agg=seq_mean_token_mean",)  # the original GRPO aggregation
+
+EXPERIMENTS: dict[str, list[Arm]] = {
+    # 1. Multi-turn RL improves tool use: SFT only vs SFT + PPO (turn-level critic) vs SFT + GRPO.
+    "tool_use": [
+        _warm_start("calculator_sft", "configs/quickstart.py"),
+        _rl("calculator_ppo", "configs/calculator_ppo.py", "calculator_sft"),
+        _rl("calculator_grpo", "configs/calculator_grpo.py", "calculator_sft"),
+        _warm_start("search2_sft", "configs/search_ppo.py"),
+        _rl("search2_ppo", "configs/search_ppo.py", "search2_sft"),
+        _rl("search2_grpo", "configs/search_grpo.py", "search2_sft"),
+        _warm_start("search3_sft", "configs/search_ppo.py", *SEARCH3),
+        _rl("search3_ppo", "configs/search_ppo.py", "search3_sft", *SEARCH3),
+        _rl("search3_grpo", "configs/search_grpo.py", "search3_sft", *SEARCH3),
+    ],
+    # 2. Trajectory-level vs next-turn reward on clarify (k = 3 hidden constraints).
+    "clarify": [
+        _warm_start("sft", "configs/clarify_ppo.py"),
+        _rl("ppo_trajectory", "configs/clarify_ppo.py", "sft"),
+        _rl("ppo_myopic", "configs/clarify_myopic.py", "sft"),
+        _rl("grpo", "configs/clarify_grpo.py", "sft"),
+    ],
+    # 3. Lost in conversation: the clarify policies on the sharded vs fully specified task,
+    #    10 samples per instance at temperature 1.
+    "lost_in_conversation": [
+        Arm(f"{policy}_{variant}", "evaluate", "configs/clarify_ppo.py",
+            (f"--config.env.fully_specified={variant == 'full'}",),
+            init_from=f"clarify/{policy}", out=f"lic_{variant}.json")
+        for policy in ("sft", "ppo_trajectory", "ppo_myopic", "grpo")
+        for variant in ("sharded", "full")
+    ],
+    # 4. Masking ablation on search (2 hops): tool replies in the loss. The masked arm (the
+    #    default) is tool_use/search2_ppo.
+    "masking": [
+        _rl("unmasked", "configs/search_ppo.py", "tool_use/search2_sft",
+            "--config.algo.mask_replies=False"),
+    ],
+    # 5. DAPO ladder on search with 3 hops.
+    "dapo_ladder": [
+        _rl("1_grpo", "configs/search_grpo.py", "tool_use/search3_sft", *SEARCH3, *GRPO_SEQ),
+        _rl("2_clip_higher", "configs/search_grpo.py", "tool_use/search3_sft", *SEARCH3,
+            *GRPO_SEQ, "--config.algo.eps_high=0.28"),
+        _rl("3_token_loss", "configs/search_grpo.py", "tool_use/search3_sft", *SEARCH3,
+            "--config.algo.eps_high=0.28", "--config.algo.loss_agg=token_mean"),
+        _rl("4_overlong", "configs/search_grpo.py", "tool_use/search3_sft", *SEARCH3,
+            "--config.algo.eps_high=0.28", "--config.algo.loss_agg=token_mean",
+            "--config.algo.overlong_len=40", "--config.algo.overlong_cache=10"),
+        _rl("5_dynamic_sampling", "configs/search_dapo.py", "tool_use/search3_sft"),
+    ],
+}
+
+
+def arm_dir(root: str, experiment: str, name: str) -> str:
+  return os.path.join(root, *(name.split("/") if "/" in name else (experiment, name)))
+
+
+def command(root: str, experiment: str, arm: Arm, *, seeds: int, sft_steps: int,
+            rl_steps: int) -> tuple[list[str], str]:
+  """(argv, the file whose existence means the arm is done)."""
+  cmd = [sys.executable, "-m", f"experiments.{arm.program}", "--config", arm.config,
+         f"--config.train.num_seeds={seeds}"]
+  if arm.program == "evaluate":
+    source = arm_dir(root, experiment, arm.init_from)
+    out = os.path.join(source, arm.out)
+    return cmd + ["--run", source, "--out", out, *arm.overrides], out
+  workdir = arm_dir(root, experiment, arm.name)
+  cmd += ["--workdir", workdir, f"--config.sft.steps={0 if arm.init_from else sft_steps}",
+          f"--config.train.steps={rl_steps}", "--config.train.eval_every=10",
+          "--config.train.checkpoint_every=20"]
+  if arm.init_from:
+    cmd.append(f"--config.init_from={arm_dir(root, experiment, arm.init_from)}")
+  return cmd + list(arm.overrides), os.path.join(workdir, "samples.txt")
+
+
+def run(experiment: str, root: str, **scale) -> None:
+  for arm in EXPERIMENTS[experiment]:
+    cmd, done = command(root, experiment, arm, **scale)
+    if os.path.exists(done):
+      print(f"[{experiment}/{arm.name}] done ({done})")
+      continue
+    print(f"[{experiment}/{arm.name}] {' '.join(cmd[1:])}", flush=True)
+    if _DRY.value:
+      continue
+    t0 = time.time()
+    result = subprocess.run(cmd)
+    if result.returncode:
+      sys.exit(f"error: {experiment}/{arm.name} failed (exit {result.returncode})")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "timing.jsonl"), "a") as f:
+      f.write(json.dumps({"experiment": experiment, "arm": arm.name, "wall_s": time.time() - t0,
+                          **scale}) + "\n")
+
+
+def main(argv):
+  if len(argv) < 2 or argv[1] not in ("list", "run"):
+    sys.exit("usage: python -m experiments.results list | run <experiment>|all")
+  scale = dict(seeds=_SEEDS.value, sft_steps=_SFT_STEPS.value, rl_steps=_RL_STEPS.value)
+  if argv[1] == "list":
+    for name, arms in EXPERIMENTS.items():
+      print(f"{name}:")
+      for arm in arms:
+        print(f"  {arm.name}: {' '.join(command(_ROOT.value, name, arm, **scale)[0][1:])}")
+    return
+  names = list(EXPERIMENTS) if argv[2:] == ["all"] else argv[2:]
+  unknown = [n for n in names if n not in EXPERIMENTS]
+  if unknown or not names:
+    sys.exit(f"error: unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)} or all")
+  for name in names:
+    run(name, _ROOT.value, **scale)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,88 @@
+"""The results pipeline: experiment definitions, statistics, the report, the LiC metrics."""
+
+import importlib
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from experiments import evaluate
+from experiments import report
+from experiments import results as R
+from mtrl_jax import metrics as metrics_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_mean_ci_is_the_student_t_interval():
+  m, h = report.mean_ci([1.0, 2.0, 3.0])
+  assert m == 2.0
+  np.testing.assert_allclose(h, 4.303 * 1.0 / math.sqrt(3), rtol=1e-6)
+  assert report.mean_ci([0.5]) == (0.5, 0.0)
+  assert all(math.isnan(x) for x in report.mean_ci([]))
+  assert report.mean_ci([1.0, None, 3.0])[0] == 2.0
+
+
+def test_reliability_metrics_by_hand():
+  # Instance 0: all 10 samples succeed; instance 1: 3 of 10.
+  scores = np.array([[100.0] * 10, [100.0] * 3 + [0.0] * 7])
+  out = evaluate.reliability(scores)
+  assert out["P"] == pytest.approx(65.0)
+  # numpy's linear percentile over 10 sorted samples: p90 of instance 1 sits at index 8.1
+  # (both neighbours are 100), p10 at index 0.9 (both 0).
+  assert out["A90"] == pytest.approx((100.0 + 100.0) / 2)
+  assert out["U90_10"] == pytest.approx((0.0 + 100.0) / 2)
+  with pytest.raises(ValueError, match="samples >= 2"):
+    evaluate.reliability(np.ones((3, 1)))
+
+
+@pytest.mark.parametrize("experiment", sorted(R.EXPERIMENTS))
+def test_every_arm_names_real_configs_keys_and_warm_starts(experiment):
+  for arm in R.EXPERIMENTS[experiment]:
+    config = importlib.import_module(arm.config[:-3].replace("/", ".")).get_config()
+    for o in arm.overrides:
+      key = o.split("=")[0][len("--config."):]
+      section = config
+      for part in key.split("."):
+        assert part in section, f"{experiment}/{arm.name}: unknown key {key}"
+        section = section[part]
+    if arm.init_from:
+      exp, name = arm.init_from.split("/") if "/" in arm.init_from else (experiment,
+                                                                          arm.init_from)
+      assert name in [a.name for a in R.EXPERIMENTS[exp]], (experiment, arm.name)
+    cmd, done = R.command("runs/results", experiment, arm, seeds=5, sft_steps=300,
+                          rl_steps=80)
+    assert cmd[2] == f"experiments.{arm.program}" and done
+
+
+def _fake_run(path, seeds, success_by_step):
+  w = metrics_lib.MetricsWriter(str(path))
+  for step, succ in success_by_step:
+    rec = {f"eval/success_rate/seed{i}": s for i, s in enumerate(succ)}
+    rec["eval/success_rate"] = float(np.mean(succ))
+    rec.update({f"train/entropy/seed{i}": 1.0 for i in range(seeds)}, **{"train/entropy": 1.0})
+    w.write(step, rec)
+  w.close()
+
+
+def test_report_writes_tables_plots_and_markdown(tmp_path):
+  root, docs = tmp_path / "runs", tmp_path / "docs"
+  _fake_run(root / "tool_use" / "calculator_sft", 2, [(300, [0.5, 0.7])])
+  _fake_run(root / "tool_use" / "calculator_ppo", 2, [(0, [0.5, 0.7]), (10, [0.8, 1.0])])
+  (root / "timing.jsonl").write_text(json.dumps({"experiment": "tool_use", "arm": "x",
+                                                 "wall_s": 120.0}) + "\n")
+  docs.mkdir()
+  (docs / "RESULTS.md").write_text("intro\n<!-- report:tool_use -->\nold\n"
+                                   "<!-- /report:tool_use -->\n<!-- report:compute -->\n\n"
+                                   "<!-- /report:compute -->\nend\n")
+  report.write_report(str(root), str(docs))
+  text = (docs / "RESULTS.md").read_text()
+  assert "old" not in text and text.startswith("intro") and text.endswith("end\n")
+  m, h = report.mean_ci([0.8, 1.0])
+  assert f"| calculator: SFT + PPO (turn critic) | 2 | {m:.2f} ± {h:.2f} |" in text
+  assert "| calculator: SFT only | 2 | 0.60 ±" in text
+  assert "calculator: SFT + GRPO | not run" in text
+  assert "2 min in all" in text
+  assert (docs / "results_tool_use.png").stat().st_size > 1000

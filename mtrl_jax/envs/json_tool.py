@@ -32,6 +32,9 @@ model by its JSON schema in the system prompt. `calculator_tool()` (safe arithme
 `search_tool(corpus)` (BM25 over a small document collection) are built in.
 
 Tasks come from a TFDS prompt dataset (`mtrl_jax.data.prompts`) or a list of `Task`s.
+
+`TokenizedEnv(env, tokenizer)` runs any symbol-vocabulary environment of this package
+(calculator, search, clarify) in a real tokenizer's ids, with its own turn grammar.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtrl_jax import vocab as V
 from mtrl_jax.envs import base
 
 DEFAULT_SYSTEM = ("You are a helpful assistant. Use the tools when they help. When you know the "
@@ -464,6 +468,133 @@ class JsonToolEnv(base.Environment):
       reply_n[idx] = len(ids)
       calls[idx], errors[idx] = n_calls, n_errors
     return reply, reply_n, answered, success, calls, errors
+
+
+# --- pure-JAX environments through a real tokenizer ----------------------------------------
+
+class TokenizedEnv(base.Environment):
+  """A symbol-vocabulary environment (calculator, search, clarify, ...) spoken in a real
+  tokenizer's ids, so the pure-JAX environments can talk to a real model.
+
+  * The inner environment's prompt and replies (symbol ids) are written as real tokens by a
+    gather through `ChatTokenizer.symbol_table`, in JAX: chat-structure symbols become the
+    template pieces (`<user>` a role header, `<eot>` the end-of-turn and separator, ...), every
+    other symbol its text after a space. A reply starts with the layout's separator (the text
+    after end-of-turn the model never emits), so the stream follows the chat template.
+  * The policy's turn (real tokens, ending with the end-of-turn token) is decoded on the host
+    (`jax.pure_callback`, once per finished turn), split on whitespace into symbols (a word
+    the vocabulary lacks becomes `<unk>`), closed with `<eot>`, and stepped by the inner
+    environment in JAX: rewards, counters, `info` and errors are the inner environment's.
+  * `expert` writes the inner expert's symbol turn as tokens (its `<eot>` is the end-of-turn
+    token), so demonstrations and expert forcing work unchanged.
+
+  Static budgets are the inner ones times the longest symbol in tokens (an upper bound).
+  """
+
+  empty_idle_actions = True  # the rollout passes length 0 for rows whose turn did not end
+
+  def __init__(self, env: base.Environment, tokenizer):
+    self.env = env
+    super().__init__(tokenizer)
+    self.name = f"tokenized({getattr(env, 'name', type(env).__name__)})"
+    self.Params = getattr(env, "Params", None)
+    self.tokenizer = tokenizer
+    reply_table, reply_lens = tokenizer.symbol_table(env.vocab, eot_sep=True)
+    turn_table, turn_lens = tokenizer.symbol_table(env.vocab, eot_sep=False)
+    self._reply_table, self._reply_lens = jnp.asarray(reply_table), jnp.asarray(reply_lens)
+    self._turn_table, self._turn_lens = jnp.asarray(turn_table), jnp.asarray(turn_lens)
+    self._sep = np.asarray(tokenizer.encode(tokenizer.layout.sep), np.int32)
+    self._prompt_len = env.prompt_len * reply_table.shape[1]
+    self._reply_len = len(self._sep) + env.reply_len * reply_table.shape[1]
+    self._action_len = env.action_len * turn_table.shape[1]
+    self._symbols = env.vocab.symbols
+    self._unk, self._eot = env.vocab.id(V.UNK), env.vocab.id(V.EOT)
+
+  def symbols(self):
+    return ()
+
+  @property
+  def default_params(self):
+    return self.env.default_params
+
+  @property
+  def prompt_len(self):
+    return self._prompt_len
+
+  @property
+  def reply_len(self):
+    return self._reply_len
+
+  @property
+  def action_len(self):
+    return self._action_len
+
+  @property
+  def max_turns(self):
+    return self.env.max_turns
+
+  def extra_info(self, state):
+    return self.env.extra_info(state)
+
+  @staticmethod
+  def translate(ids, length, table, lens, size: int, prefix=()) -> tuple[jax.Array, jax.Array]:
+    """Symbol ids [N] (first `length` real) -> (token ids [size] int32, count []): `prefix`
+    tokens, then each symbol's row of `table` [S, L] (its first `lens[s]` entries)."""
+    ids = jnp.asarray(ids, jnp.int32)
+    n, width = ids.shape[0], table.shape[1]
+    count = jnp.where(jnp.arange(n) < length, lens[ids], 0)
+    offset = jnp.cumsum(count) - count + len(prefix)
+    pos = offset[:, None] + jnp.arange(width)[None, :]
+    pos = jnp.where(jnp.arange(width)[None, :] < count[:, None], pos, size)
+    out = jnp.zeros((size,), jnp.int32).at[pos].set(table[ids], mode="drop")
+    if len(prefix):
+      out = out.at[: len(prefix)].set(jnp.asarray(prefix, jnp.int32))
+    return out, jnp.minimum(len(prefix) + jnp.sum(count), size).astype(jnp.int32)
+
+  def reset_env(self, key, params):
+    state, obs = self.env.reset_env(key, params)
+    tokens, n = self.translate(obs.tokens, obs.length, self._reply_table, self._reply_lens,
+                               self.prompt_len)
+    return state, base.Observation(tokens=tokens, length=n, role=obs.role)
+
+  def expert(self, key, state, params):
+    action = self.env.expert(key, state, params)
+    tokens, n = self.translate(action.tokens, action.length, self._turn_table, self._turn_lens,
+                               self.action_len)
+    return base.Action(tokens=tokens, length=n)
+
+  def step_env(self, key, state, action, params):
+    width = action.tokens.shape[-1] + 1
+    symbols, n = jax.pure_callback(
+        self._host, (jax.ShapeDtypeStruct((width,), jnp.int32),
+                     jax.ShapeDtypeStruct((), jnp.int32)),
+        jnp.asarray(action.tokens, jnp.int32), action.length, vmap_method="broadcast_all")
+    state, obs, reward, done = self.env.step_env(key, state, base.Action(symbols, n), params)
+    tokens, count = self.translate(obs.tokens, obs.length, self._reply_table, self._reply_lens,
+                                   self.reply_len, self._sep)
+    count = jnp.where(obs.length > 0, count, 0)
+    obs = base.Observation(tokens=tokens, length=count, role=obs.role)
+    return state, obs, reward, done
+
+  def _host(self, tokens, length):
+    """numpy in, numpy out; leading batch dims are whatever vmap gave us."""
+    tokens, length = np.asarray(tokens), np.asarray(length)
+    batch = length.shape
+    tokens = np.broadcast_to(tokens, batch + tokens.shape[-1:])
+    width = tokens.shape[-1] + 1
+    symbols = np.zeros(batch + (width,), np.int32)
+    count = np.zeros(batch, np.int32)
+    ids_of = {s: i for i, s in enumerate(self._symbols)}
+    eot = self.tokenizer.eot_id
+    for idx in zip(*np.nonzero(length > 0)) if length.ndim else ([()] if length > 0 else []):
+      ids = tokens[idx][: int(length[idx])].tolist()
+      if ids and ids[-1] == eot:
+        ids = ids[:-1]
+      words = self.tokenizer.decode(ids).split()[: width - 1]
+      row = [ids_of.get(w, self._unk) for w in words] + [self._eot]
+      symbols[idx][: len(row)] = row
+      count[idx] = len(row)
+    return symbols, count
 
 
 TOOL_FACTORIES = {"calculator": lambda corpus: calculator_tool(),

@@ -39,8 +39,8 @@ beyond the tokenizer's vocabulary that the model's embedding may still have) are
 the sampling distribution.
 
 Environment symbols: `symbol_ids(symbol)` maps a `vocab.Vocab` symbol (`<eot>`, `<user>`, a
-word, a digit) to its token sequence under this tokenizer and layout, so symbol streams of the
-pure-JAX environments can be written in a real model's tokens (`symbol_table`).
+word, a digit) to its token sequence under this tokenizer and layout, so the pure-JAX
+environments can talk to a real model (`envs.json_tool.TokenizedEnv`).
 """
 
 from __future__ import annotations
@@ -328,35 +328,32 @@ class ChatTokenizer:
     return ids, True
 
   # --- environment symbols ------------------------------------------------------------------
-  def symbol_ids(self, symbol: str) -> list[int]:
-    """Token ids of one `vocab.Vocab` symbol: control symbols become template pieces
-    (`<eot>` the end-of-turn and the separator after it, `<user>`/`<assistant>`/`<system>`
-    role headers, `<tool>` the header of the tool role, `<bos>` the begin-of-text, `<pad>`
-    nothing); other symbols are encoded as text. So the symbol reply `<tool> 4 0 8 <eot>
-    <assistant>` becomes a tool-role message and the next assistant header."""
+  def symbol_ids(self, symbol: str, *, eot_sep: bool = True) -> list[int]:
+    """Token ids of one `vocab.Vocab` symbol as it appears in a conversation.
+
+    The chat-structure symbols are template pieces: `<eot>` the end-of-turn (followed by the
+    separator when `eot_sep`: in a reply; the policy's own turn ends at the end-of-turn),
+    `<user>`/`<assistant>`/`<system>` role headers, `<tool>` the header of the tool role,
+    `<bos>` the begin-of-text, `<pad>` nothing. Every other symbol (a word, a digit, `<call>`)
+    is its text after a space, so that a decoded stream splits back into the symbols on
+    whitespace. E.g. the symbol reply `<tool> 4 0 8 <eot> <assistant>` becomes a tool-role
+    message and the next assistant header.
+    """
     L = self.layout
-    pieces = {V.PAD: "", V.BOS: L.bos, V.EOT: L.eot + L.sep,
+    pieces = {V.PAD: "", V.BOS: L.bos, V.EOT: L.eot + (L.sep if eot_sep else ""),
               V.USER: L.header.format(role="user"),
               V.ASSISTANT: L.header.format(role="assistant"),
               V.SYSTEM: L.header.format(role="system"),
               V.TOOL: L.header.format(role=L.tool_role)}
     if symbol in pieces:
       return self.encode(pieces[symbol])
-    return self.encode(symbol)
+    return self.encode(" " + symbol)
 
-  def symbol_table(self, vocab: V.Vocab, space: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Every symbol of `vocab` as tokens: (ids [S, L] int32 right-padded, lengths [S] int32).
-
-    `space=True` encodes a word symbol with a leading space (how it appears mid-sentence).
-    With it, a symbol stream is written in real tokens by a gather (static shapes), e.g.
-    `envs.base.concat_segments`.
-    """
-    rows = []
-    for s in vocab.symbols:
-      if s in V.SPECIAL_TOKENS or not space:
-        rows.append(self.symbol_ids(s))
-      else:
-        rows.append(self.encode(" " + s))
+  def symbol_table(self, vocab: V.Vocab, *, eot_sep: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """`symbol_ids` of every symbol of `vocab`: (ids [S, L] int32 right-padded, lengths [S]
+    int32), so that a symbol stream is written in real tokens by a gather (static shapes)."""
+    rows = [self.symbol_ids(s, eot_sep=eot_sep) for s in vocab.symbols]
     width = max(1, max(len(r) for r in rows))
     ids = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):

@@ -428,7 +428,8 @@ def test_rollout_tokens_equal_the_chat_template(chatml_dir, force_expert):
     assert np.asarray(traj.info["format_errors"]).sum() > 0  # random calls are malformed
 
 
-def test_pure_jax_env_through_a_real_tokenizer(chatml_dir):
+def tokenized_calculator(chatml_dir, key=5):
+  """The calculator through the test tokenizer, replayed by its expert: (env, params, traj)."""
   from mtrl_jax.envs import registry
   inner, params = registry.make("calculator")
   tok = chat.ChatTokenizer.from_dir(chatml_dir)
@@ -439,30 +440,45 @@ def test_pure_jax_env_through_a_real_tokenizer(chatml_dir):
   rc = rollout_lib.RolloutConfig(num_envs=6, max_len=env.prompt_len + 2 * (A + env.reply_len),
                                  turn_budget=A, force_expert=True)
   traj = jax.jit(rollout_lib.make_rollout(env, cfg, rc))(
-      tf.init_params(cfg, jax.random.key(0)), jax.random.key(5), params)
-  # The same episodes in symbols: the expert's turns went through text and back unchanged.
-  sym_cfg = dataclasses.replace(cfg, vocab_size=inner.vocab.size)
-  sym_rc = dataclasses.replace(rc, max_len=inner.prompt_len + 2 * (24 + inner.reply_len),
-                               turn_budget=24)
-  ref = jax.jit(rollout_lib.make_rollout(inner, sym_cfg, sym_rc))(
-      tf.init_params(sym_cfg, jax.random.key(0)), jax.random.key(5), params)
-  chex.assert_trees_all_equal(traj.info, ref.info)
+      tf.init_params(cfg, jax.random.key(0)), jax.random.key(key), params)
+  return env, params, traj, cfg, rc
+
+
+def test_pure_jax_env_through_a_real_tokenizer(chatml_dir):
+  env, params, traj, _, _ = tokenized_calculator(chatml_dir)
+  tok = env.tokenizer
+  # The expert's symbol turns went through text and back: every episode is solved with the tool.
   np.testing.assert_array_equal(np.asarray(traj.info["success"]), True)
-  np.testing.assert_array_equal(traj.turn_reward, ref.turn_reward)
-  text = tok.decode(np.asarray(traj.tokens[0])[np.asarray(traj.turn[0]) >= -1][
-      : int(np.nonzero(np.asarray(traj.turn[0]) >= 0)[0].max()) + 1])
+  assert (np.asarray(traj.info["num_tool_calls"]) >= 1).all()
+  turn = np.asarray(traj.turn[0])
+  text = tok.decode(np.asarray(traj.tokens[0])[: int(np.nonzero(turn >= 0)[0].max()) + 1])
   assert text.startswith("<|im_start|>user\n")
   assert "<|im_end|>\n<|im_start|>assistant\n <call> calc" in text
   assert "<|im_end|>\n<|im_start|>user\n " in text.split("</call>")[1]  # the tool's reply
   assert text.endswith("</answer><|im_end|>")
   # A turn in words the vocabulary lacks is the inner environment's format error.
-  state, _ = env.reset(jax.random.key(0), params)
+  state, _ = jax.jit(env.reset)(jax.random.key(0), params)
   ids = tok.encode(" hello there") + [tok.eot_id]
+  A = env.action_len
   action = base.Action(jnp.asarray(ids + [0] * (A - len(ids))), jnp.int32(len(ids)))
   _, reply, _, _, info = jax.jit(env.step)(jax.random.key(1), state, action, params)
   assert int(info["format_errors"]) == 1
   assert tok.decode(np.asarray(reply.tokens[:int(reply.length)])).startswith(
       "\n<|im_start|>user\n <error>")
+
+
+@pytest.mark.slow
+def test_tokenized_env_equals_the_symbol_rollout(chatml_dir):
+  env, params, traj, cfg, rc = tokenized_calculator(chatml_dir, key=7)
+  inner = env.env
+  sym_cfg = dataclasses.replace(cfg, vocab_size=inner.vocab.size)
+  sym_rc = dataclasses.replace(rc, max_len=inner.prompt_len + 2 * (24 + inner.reply_len),
+                               turn_budget=24)
+  ref = jax.jit(rollout_lib.make_rollout(inner, sym_cfg, sym_rc))(
+      tf.init_params(sym_cfg, jax.random.key(0)), jax.random.key(7), params)
+  chex.assert_trees_all_equal(traj.info, ref.info)
+  np.testing.assert_array_equal(traj.turn_reward, ref.turn_reward)
+  np.testing.assert_array_equal(traj.turn_valid, ref.turn_valid)
 
 
 # --- prompt datasets --------------------------------------------------------------------------

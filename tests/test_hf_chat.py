@@ -372,10 +372,12 @@ def expected_from_template(tok, env, row_tokens, row_turn, task, messages0):
   return ids, mask
 
 
-@pytest.mark.parametrize("force_expert", [True, False])
-def test_rollout_tokens_equal_the_chat_template(chatml_dir, force_expert):
-  env = make_env(chatml_dir)
+@pytest.mark.parametrize("layout, force_expert", [("chatml", True), ("chatml", False),
+                                                  ("llama3", False)])
+def test_rollout_tokens_equal_the_chat_template(chatml_dir, tmp_path, layout, force_expert):
+  env = make_env(chatml_dir if layout == "chatml" else make_tokenizer_dir(tmp_path, layout))
   tok = env.tokenizer
+  assert tok.layout.name == layout
   A = max(48, env.action_len)
   T = env.prompt_len + env.max_turns * (A + env.reply_len)
   cfg = tf.ModelConfig(vocab_size=tok.size + 5, d_model=32, num_layers=1, num_heads=2,
@@ -405,10 +407,12 @@ def test_rollout_tokens_equal_the_chat_template(chatml_dir, force_expert):
     want, assistant = expected_from_template(tok, env, tokens[b, :n], turn[b, :n], task,
                                              messages0)
     # Exact tokens: the template applied to the same conversation, up to the final separator.
-    assert want[-1] == tok.encode(tok.layout.sep)[0]
-    np.testing.assert_array_equal(tokens[b, :n], want[:-1])
+    sep = len(tok.encode(tok.layout.sep))
+    np.testing.assert_array_equal(want[len(want) - sep:], tok.encode(tok.layout.sep))
+    want, assistant = want[:len(want) - sep], assistant[:len(assistant) - sep]
+    np.testing.assert_array_equal(tokens[b, :n], want)
     # turn >= 0 exactly on the assistant's tokens; loss_mask on those it sampled.
-    np.testing.assert_array_equal(turn[b, :n] >= 0, assistant[:-1])
+    np.testing.assert_array_equal(turn[b, :n] >= 0, assistant)
     if force_expert:
       assert not mask[b].any()
     else:
@@ -417,7 +421,7 @@ def test_rollout_tokens_equal_the_chat_template(chatml_dir, force_expert):
         pos = np.nonzero(turn[b, :n] == k)[0]
         if len(pos) == A:
           forced[pos[-1]] = True
-      np.testing.assert_array_equal(mask[b, :n], assistant[:-1] & ~forced)
+      np.testing.assert_array_equal(mask[b, :n], assistant & ~forced)
       assert not mask[b, n:].any()
     multi += int(turn[b].max()) >= 1
   assert multi >= 2, "the test needs multi-turn episodes"

@@ -72,8 +72,9 @@ run shows it, and it repairs); *extra run* - runs again (a repeated action when 
 *unclosed* - its intended call without `</call>` (error reply, it retries).
 
 Info extras: `tests_passed` (hidden tests the current program passes), `bugs_left` (lines that
-differ from the reference), `runs`, `views`, `edits`, `loops` (turns whose action repeats the
-previous turn's exactly), `submitted`.
+differ from the reference), `runs`, `views`, `edits`, `noop_edits` (edits that write the
+instruction already there - re-applying a fix that did not work), `loops` (turns whose action
+repeats the previous turn's exactly), `submitted`.
 
 Knobs. Constructor (static): `num_lines`, `num_bugs`, `num_tests`, `bug_kind`, `max_turns`
 (default 3 * num_bugs + 4). Params (dynamic): `noise`, `format_penalty`, `report_line`,
@@ -122,8 +123,8 @@ class FixState(base.EnvState):
   """ops, args: [L] int32 the current program (edited by the agent); ref_ops, ref_args: [L]
   int32 the reference; inputs: [NT] int32 hidden test inputs; stale: [] bool the program
   changed (or was never run) since the last `run`; viewed: [L] bool lines shown since the last
-  `run`; runs, views, edits, loops: [] int32 counters; prev_hash: [] uint32 hash of the last
-  action; submitted: [] bool."""
+  `run`; runs, views, edits, noop_edits, loops: [] int32 counters; prev_hash: [] uint32 hash
+  of the last action; submitted: [] bool."""
 
   ops: jax.Array
   args: jax.Array
@@ -135,6 +136,7 @@ class FixState(base.EnvState):
   runs: jax.Array
   views: jax.Array
   edits: jax.Array
+  noop_edits: jax.Array
   loops: jax.Array
   prev_hash: jax.Array
   submitted: jax.Array
@@ -283,7 +285,8 @@ class Fix(base.Environment):
     state = FixState(
         **base.initial_counters(), ops=ops, args=args, ref_ops=ref_ops, ref_args=ref_args,
         inputs=inputs, stale=jnp.bool_(True), viewed=jnp.zeros((L,), bool), runs=jnp.int32(0),
-        views=jnp.int32(0), edits=jnp.int32(0), loops=jnp.int32(0), prev_hash=jnp.uint32(0),
+        views=jnp.int32(0), edits=jnp.int32(0), noop_edits=jnp.int32(0), loops=jnp.int32(0),
+        prev_hash=jnp.uint32(0),
         submitted=jnp.bool_(False))
     content = jnp.asarray([self.id("fix"), self.id("program"), self._digit_ids[L],
                            self.id("lines")], jnp.int32)
@@ -345,6 +348,8 @@ class Fix(base.Environment):
 
     # Edit first: `ok` echoes the new line.
     onehot = (jnp.arange(L) == line) & edit
+    noop = edit & (state.ops[jnp.clip(line, 0, L - 1)] == new_op) & (
+        state.args[jnp.clip(line, 0, L - 1)] == new_arg)
     ops = jnp.where(onehot, new_op, state.ops).astype(jnp.int32)
     args = jnp.where(onehot, new_arg, state.args).astype(jnp.int32)
     state = state.replace(ops=ops, args=args)
@@ -386,6 +391,7 @@ class Fix(base.Environment):
         viewed=jnp.where(run, jnp.zeros((L,), bool),
                          state.viewed | view_all | ((jnp.arange(L) == line) & view)),
         runs=state.runs + run, views=state.views + view, edits=state.edits + edit,
+        noop_edits=state.noop_edits + noop,
         loops=state.loops + ((state.turn > 0) & (h == state.prev_hash)),
         prev_hash=h, submitted=state.submitted | submit)
     return state, obs, reward, submit
@@ -446,4 +452,4 @@ class Fix(base.Environment):
     bugs = jnp.sum((state.ops != state.ref_ops) | (state.args != state.ref_args))
     return {"tests_passed": self.tests_passed(state), "bugs_left": bugs.astype(jnp.int32),
             "runs": state.runs, "views": state.views, "edits": state.edits,
-            "loops": state.loops, "submitted": state.submitted}
+            "noop_edits": state.noop_edits, "loops": state.loops, "submitted": state.submitted}

@@ -242,7 +242,8 @@ class Retrieval(base.Environment):
                        f"({'a search, then ' if multi_turn else ''}the answer)")
     self.num_items, self.num_attributes, self.num_values = num_items, num_attributes, num_values
     self.num_forms, self.need, self.k = num_forms, need, k
-    self.max_query_terms, self.multi_turn, self._max_turns = max_query_terms, bool(multi_turn), max_turns
+    self.max_query_terms, self.multi_turn = max_query_terms, bool(multi_turn)
+    self._max_turns = max_turns
     attrs = ATTRIBUTES[:num_attributes]
     # Index terms: (attribute, value, wording) for every catalog wording, then the fillers.
     self.term_names = tuple(vals[v][f] for _, vals in attrs for v in range(num_values)

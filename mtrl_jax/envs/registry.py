@@ -6,6 +6,7 @@ An override is either a constructor argument (static: changes shapes, e.g. `num_
 raise `ValueError` listing what exists / what is accepted::
 
     env, params = make("search", hops=3, noise=0.2)
+    env, params = make("fix", num_bugs=2, turn_penalty=1.0)   # static and dynamic knobs
     vocab = shared_vocab(make("calculator")[0], make("search")[0])
     calc, _ = make("calculator", vocab=vocab)      # both speak one vocabulary
 """
@@ -20,12 +21,16 @@ from mtrl_jax import vocab as V
 from mtrl_jax.envs import base
 from mtrl_jax.envs.calculator import Calculator
 from mtrl_jax.envs.clarify import Clarify
+from mtrl_jax.envs.fix import Fix
+from mtrl_jax.envs.retrieval import Retrieval
 from mtrl_jax.envs.search import Search
 
 _ENVS: dict[str, type[base.Environment]] = {
     "calculator": Calculator,
     "search": Search,
     "clarify": Clarify,
+    "fix": Fix,
+    "retrieval": Retrieval,
 }
 
 

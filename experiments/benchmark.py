@@ -311,7 +311,7 @@ def bench_decode_step(preset: str, batch: int, max_len: int, filled: int, iters:
 
 
 def cmd_rollout(args) -> int:
-  for env_name in args.env or ["calculator", "search"]:
+  for env_name in args.env or ["calculator", "search", "fix", "retrieval"]:
     for preset in args.model:
       for batch in args.batch:
         print(json.dumps(bench_rollout(env_name, preset, batch, args.repeats,
@@ -412,7 +412,7 @@ def main(argv=None) -> int:
   p = sub.add_parser("rollout", help="fused rollout vs a host-loop baseline; decode step vs "
                                      "context length")
   p.add_argument("--env", action="append", choices=registry.list_envs(),
-                 help="environment (repeatable; default calculator and search)")
+                 help="environment (repeatable; default calculator, search, fix, retrieval)")
   p.add_argument("--model", nargs="+", default=["tiny", "small"], help="model presets")
   p.add_argument("--batch", type=int, nargs="+", default=[8, 64, 256])
   p.add_argument("--repeats", type=int, default=3, help="timed rollouts per setting")

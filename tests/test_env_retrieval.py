@@ -183,8 +183,10 @@ def test_bm25_matches_rank_bm25_on_env_catalogs():
 def test_ndcg_recall_match_python(items, k):
   scores = np.asarray([s for s, _ in items], np.float32)  # many ties
   relevant = np.asarray([r for _, r in items])
-  got_ndcg, got_recall, got_rank = _metrics(jnp.asarray(scores), jnp.asarray(relevant), k)
-  assert np.asarray(got_rank).tolist() == py_rank(scores.tolist())
+  got_ndcg, got_recall, got_rank, got_pos = _metrics(jnp.asarray(scores), jnp.asarray(relevant), k)
+  order = py_rank(scores.tolist())
+  assert np.asarray(got_rank).tolist() == order
+  assert [order.index(i) for i in range(len(order))] == np.asarray(got_pos).tolist()
   assert float(got_ndcg) == pytest.approx(py_ndcg(scores.tolist(), relevant.tolist(), k), abs=1e-6)
   assert float(got_recall) == pytest.approx(py_recall(scores.tolist(), relevant.tolist(), k),
                                             abs=1e-6)
@@ -192,7 +194,8 @@ def test_ndcg_recall_match_python(items, k):
 
 @functools.partial(jax.jit, static_argnums=2)
 def _metrics(scores, relevant, k):
-  return RV.ndcg_at_k(scores, relevant, k), RV.recall_at_k(scores, relevant, k), RV.ranking(scores)
+  return (RV.ndcg_at_k(scores, relevant, k), RV.recall_at_k(scores, relevant, k),
+          RV.ranking(scores), RV.ranks(scores))
 
 
 # --- API, catalog, need ------------------------------------------------------------------------

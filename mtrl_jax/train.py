@@ -121,6 +121,16 @@ def _check_algo(algo, rollout_config: rollout_lib.RolloutConfig) -> None:
     raise ValueError(f"config.algo.kl_kind={algo.kl_kind!r}; expected one of {losses.KL_KINDS}")
 
 
+def written_mask(tokens: jax.Array) -> jax.Array:
+  """[B, T] bool: positions up to each row's last non-pad token (padding only follows it).
+
+  Searched from the end, so that a real token that has the pad id inside the stream (id 0 of a
+  real tokenizer) is not taken for padding.
+  """
+  not_pad = tokens != V.PAD_ID
+  return jnp.flip(jnp.cumsum(jnp.flip(not_pad, axis=1), axis=1), axis=1) > 0
+
+
 class Trainer:
   """`make_train(config)`: pure, jittable functions of a `TrainState`.
 
@@ -269,10 +279,12 @@ class Trainer:
       ref_logp = jnp.where(jnp.isfinite(ref_logp), ref_logp, 0.0)
 
     B_global = B * self.num_devices
+    written = written_mask(traj.tokens)
+    last_pos = jnp.maximum(jnp.sum(written, axis=1) - 1, 0)                     # [B]
     mask = traj.loss_mask
     if not algo.mask_replies:  # ablation: replies enter the loss too (Search-R1's point)
       started = jnp.cumsum(traj.turn >= 0, axis=1) > 0
-      mask = mask | (started & (traj.turn < 0) & (traj.tokens != V.PAD_ID))
+      mask = mask | (started & (traj.turn < 0) & written)
 
     # Rewards: environment rewards per turn, plus shaping on the last turn.
     turn_len = jnp.sum(traj.turn[:, :, None] == jnp.arange(K), axis=1)  # [B, K]
@@ -292,7 +304,6 @@ class Trainer:
     returns = jnp.sum(rewards * traj.turn_valid, axis=1)  # [B]
 
     # Advantages and value targets.
-    last_pos = jnp.maximum(jnp.sum(traj.tokens != V.PAD_ID, axis=1) - 1, 0)
     bootstrap = values[jnp.arange(B), last_pos]
     v_mask = jnp.zeros((B, T), bool)
     v_target = jnp.zeros((B, T))

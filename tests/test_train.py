@@ -315,3 +315,9 @@ def test_cli_sft_then_rl_from_its_checkpoint(tmp_path):
   assert rl.returncode == 0, rl.stderr[-3000:]
   assert "initialised from" in rl.stdout and "step 3 (rl)" in rl.stdout
   assert [r["step"] for r in metrics_lib.read_metrics(tmp_path / "rl" / "metrics.jsonl")] == [0, 1]
+
+
+def test_written_mask_keeps_pad_ids_inside_the_stream():
+  tokens = jnp.array([[5, 0, 7, 0, 0], [3, 4, 0, 0, 0], [1, 2, 3, 4, 5]])
+  expected = np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
+  np.testing.assert_array_equal(train_lib.written_mask(tokens), expected)

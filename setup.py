@@ -41,6 +41,10 @@ EXTRAS = {
         # exactly: a newer torch would be a multi-GB CUDA build.
         "torch==2.13.0",
         "transformers>=5.23.0,<6",
+        # colab/quickstart.ipynb executed by tests/test_notebook.py.
+        "nbclient>=0.11,<0.12",
+        "nbformat>=5.11,<6",
+        "ipykernel>=7.4,<8",
     ],
 }
 

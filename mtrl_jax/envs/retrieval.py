@@ -12,7 +12,7 @@ length and some terms repeat). Each value has `num_forms` catalog wordings (e.g.
 *dialect* (wording 0 or 1 for every value: two shops describing the same products), drawn per
 episode. An item's text is its attribute words in the dialect, then its fillers::
 
-    item 17: chair scarlet timber sale sale        (dialect 1)
+    item 17: seat scarlet timber sale sale         (dialect 1)
 
 Need. The user wants `need` attributes (a random subset, random order) with given values; the
 relevant items are those that have all of them (at least one: an item is planted). The user
@@ -39,7 +39,7 @@ the top-ranked item's text, then refine and answer::
 
     prompt : <bos> <user> i need crimson wooden <eot> <assistant>
     turn 0 : <call> search red wood </call> <eot>
-    reply 0: <tool> red 0 wood 0 : lamp scarlet glass basic <eot> <assistant>
+    reply 0: <tool> red 0 wood 0 : light scarlet crystal basic <eot> <assistant>
     turn 1 : <answer> scarlet timber </answer> <eot>            reward ndcg@k + 0.1, done
 
 Rewards. A valid answer ends the episode with `ndcg_weight * NDCG@k + recall_weight * Recall@k
@@ -62,7 +62,11 @@ the other one) and then answers. With probability `params.noise` per turn it ins
 mistake, uniformly among: *raw* - answer with the user's own words; *wrong value* (answering)
 - the last term is another value of its attribute / *guess* (before searching) - answer
 wording 0 without searching; *unclosed* - forget the closing tag (error reply; retries if turns
-are left).
+are left). Its query ranks perfectly in ~99.8% of episodes (BM25's length normalisation can put
+a short item with one very common matching term above a long item that matches both). In
+single-shot mode the expert is privileged - it knows the dialect even when the user's words do
+not show it (49% of episodes at the defaults), where a policy can only guess: a single query's
+success is bounded near 0.75, which is what refinement (`multi_turn`) recovers.
 
 Info extras: `ndcg`, `recall` (of the answered query; 0 before), `raw_ndcg`, `raw_recall`,
 `refinements` (search calls), `answered`, `num_relevant`, `query_terms`.

@@ -22,42 +22,26 @@ from mtrl_jax import rollout as R
 from mtrl_jax import vocab as V
 from mtrl_jax.envs import base, demos, registry
 from mtrl_jax.envs import fix as F
-from mtrl_jax.envs import tools as T
 from mtrl_jax.models import transformer as tf
 from mtrl_jax.types import check_trajectory
 
+from tests import env_harness
+
 B = 64
-EXPERT, RANDOM = 0, 1
+EXPERT, RANDOM = env_harness.EXPERT, env_harness.RANDOM
 
 
-class Harness:
-  """The environment with reset / step / policies jitted (vmapped over B) once."""
+class Harness(env_harness.EnvHarness):
 
   def __init__(self, **overrides):
-    self.env, self.params = registry.make("fix", **overrides)
-    env = self.env
-    self.W = env.action_len + 3
-    self.K = env.max_turns
-    self.reset = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))
-    self.step = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))
-    self._policy = jax.jit(jax.vmap(self._policy_action, in_axes=(0, 0, None, None)))
-
-  def _policy_action(self, key, state, params, mode):
-    k_tok, k_len = jax.random.split(key)
-    random = base.Action(jax.random.randint(k_tok, (self.W,), 0, self.env.vocab.size),
-                         jax.random.randint(k_len, (), 0, self.W + 1))
-    expert = self.env.expert(key, state, params)
-    expert = expert.replace(tokens=jnp.pad(expert.tokens, (0, self.W - expert.tokens.shape[0])))
-    return T.choose_action(mode, [expert, random])
+    env, params = registry.make("fix", **overrides)
+    super().__init__(env, params, width=env.action_len + 3, batch=B)
 
   def expert(self, keys, state, params):
     return self._policy(keys, state, params, EXPERT)
 
   def random(self, keys, state, params):
     return self._policy(keys, state, params, RANDOM)
-
-  def keys(self, key):
-    return jax.random.split(key, (1 + 2 * self.K, B))
 
   def play(self, policy, params, key, batches=4):
     """Play batches x B episodes to the end: (final info, summed rewards), numpy."""
@@ -74,22 +58,6 @@ class Harness:
       infos.append(jax.tree.map(np.asarray, info))
       returns.append(total)
     return jax.tree.map(lambda *x: np.concatenate(x), *infos), np.concatenate(returns)
-
-  def actions(self, rows):
-    """Symbol rows (str, or lists of symbols / raw ids) -> B actions of width W (the last row
-    repeats)."""
-    toks = np.zeros((B, self.W), np.int32)
-    lengths = np.zeros((B,), np.int32)
-    for i in range(B):
-      row = rows[min(i, len(rows) - 1)]
-      row = row.split() if isinstance(row, str) else row
-      ids = [self.env.vocab.id(s) if isinstance(s, str) else int(s) for s in row]
-      toks[i, :len(ids)] = ids
-      lengths[i] = len(ids)
-    return base.Action(jnp.asarray(toks), jnp.asarray(lengths))
-
-  def decode(self, reply, i):
-    return self.env.vocab.decode(np.asarray(reply.tokens[i]))
 
 
 @functools.lru_cache(maxsize=None)

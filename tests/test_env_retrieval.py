@@ -23,38 +23,20 @@ from mtrl_jax import rollout as R
 from mtrl_jax import vocab as V
 from mtrl_jax.envs import base, demos, registry
 from mtrl_jax.envs import retrieval as RV
-from mtrl_jax.envs import tools as T
 from mtrl_jax.models import transformer as tf
 from mtrl_jax.types import check_trajectory
 
+from tests import env_harness
+
 B = 64
-EXPERT, RANDOM = 0, 1
+EXPERT, RANDOM = env_harness.EXPERT, env_harness.RANDOM
 
 
-class Harness:
+class Harness(env_harness.EnvHarness):
 
   def __init__(self, **overrides):
-    self.env, self.params = registry.make("retrieval", **overrides)
-    env = self.env
-    self.W = env.max_query_terms + 7
-    self.K = env.max_turns
-    self.reset = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))
-    self.step = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))
-    self._policy = jax.jit(jax.vmap(self._policy_action, in_axes=(0, 0, None, None)))
-
-  def _policy_action(self, key, state, params, mode):
-    k_tok, k_len = jax.random.split(key)
-    random = base.Action(jax.random.randint(k_tok, (self.W,), 0, self.env.vocab.size),
-                         jax.random.randint(k_len, (), 0, self.W + 1))
-    expert = self.env.expert(key, state, params)
-    expert = expert.replace(tokens=jnp.pad(expert.tokens, (0, self.W - expert.tokens.shape[0])))
-    return T.choose_action(mode, [expert, random])
-
-  def policy(self, mode):
-    return lambda keys, state, params: self._policy(keys, state, params, mode)
-
-  def keys(self, key):
-    return jax.random.split(key, (1 + 2 * self.K, B))
+    env, params = registry.make("retrieval", **overrides)
+    super().__init__(env, params, width=env.max_query_terms + 7, batch=B)
 
   def play(self, mode, params, key, batches=4):
     """(final info, returns, initial states) of batches x B episodes, numpy."""
@@ -73,20 +55,6 @@ class Harness:
       returns.append(total)
     cat = lambda *x: np.concatenate(x)
     return jax.tree.map(cat, *infos), np.concatenate(returns), jax.tree.map(cat, *states)
-
-  def actions(self, rows):
-    toks = np.zeros((B, self.W), np.int32)
-    lengths = np.zeros((B,), np.int32)
-    for i in range(B):
-      row = rows[min(i, len(rows) - 1)]
-      row = row.split() if isinstance(row, str) else row
-      ids = [self.env.vocab.id(s) if isinstance(s, str) else int(s) for s in row]
-      toks[i, :len(ids)] = ids
-      lengths[i] = len(ids)
-    return base.Action(jnp.asarray(toks), jnp.asarray(lengths))
-
-  def decode(self, reply, i):
-    return self.env.vocab.decode(np.asarray(reply.tokens[i]))
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,6 +24,8 @@ from mtrl_jax.envs.clarify import Clarify
 from mtrl_jax.envs.search import Search
 from mtrl_jax.types import check_trajectory
 
+from tests import env_harness
+
 B = 64            # batch of every compiled function
 EXPERT, RANDOM, SHORTCUT = 0, 1, 2  # test policies
 EPISODES = 256    # episodes for success statistics (4 batches of B)
@@ -34,38 +36,20 @@ SETTINGS = dict(max_examples=50, deadline=None, derandomize=True,
 
 # --- shared, compiled-once harness -----------------------------------------------------------
 
-class Harness:
-  """One environment with its functions jitted (vmapped over B) once."""
+class Harness(env_harness.EnvHarness):
+  """One environment with its functions jitted (vmapped over B) once; mode SHORTCUT plays the
+  environment's shortcut policy below."""
 
   def __init__(self, name: str):
     self.name = name
-    self.env, self.params = registry.make(name)
-    env = self.env
-    self.W = env.action_len + 3  # the caller's turn budget may exceed the expert's
-    self.K = env.max_turns
-    self.reset = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))
-    self.step = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))
-    # All test policies in one compiled function (compiles are the cost here), by a traced mode.
-    self._policy = jax.jit(jax.vmap(self._policy_action, in_axes=(0, 0, None, None)))
-    self.expert = lambda keys, state, params: self._policy(keys, state, params, EXPERT)
-    self.random = lambda keys, state, params: self._policy(keys, state, params, RANDOM)
-    self.shortcut = lambda keys, state, params: self._policy(keys, state, params, SHORTCUT)
+    env, params = registry.make(name)
+    super().__init__(env, params, width=env.action_len + 3, batch=B)
+    self.expert = self.policy(EXPERT)
+    self.random = self.policy(RANDOM)
+    self.shortcut = self.policy(SHORTCUT)
 
-  def pad(self, action: base.Action) -> base.Action:
-    toks = action.tokens
-    return action.replace(tokens=jnp.pad(toks, (0, self.W - toks.shape[0])))
-
-  def _policy_action(self, key, state, params, mode):
-    k_tok, k_len = jax.random.split(key)
-    random = base.Action(jax.random.randint(k_tok, (self.W,), 0, self.env.vocab.size),
-                         jax.random.randint(k_len, (), 0, self.W + 1))
-    options = [self.pad(self.env.expert(key, state, params)), random,
-               self.pad(SHORTCUTS[self.name](self.env, key, state))]
-    return T.choose_action(mode, options)
-
-  def keys(self, key):
-    """[1 + 2K, B] keys: reset, then (policy, step) per turn."""
-    return jax.random.split(key, (1 + 2 * self.K, B))
+  def extra_policies(self, key, state, params):
+    return [SHORTCUTS[self.name](self.env, key, state)]
 
   def play(self, policy, params, key, batches=EPISODES // B):
     """Play `batches` x B episodes to the end; returns the final info (numpy, [batches * B])."""
@@ -79,19 +63,6 @@ class Harness:
       assert bool(np.all(state.done)), "episodes must end within max_turns"
       infos.append(jax.tree.map(np.asarray, info))
     return jax.tree.map(lambda *x: np.concatenate(x), *infos)
-
-  def actions(self, rows):
-    """Symbol rows (str, or list of str/int ids) -> a batch of B actions of width W (rows
-    repeated to fill B); ids are used verbatim (to test out-of-vocabulary ids)."""
-    toks = np.zeros((B, self.W), np.int32)
-    lengths = np.zeros((B,), np.int32)
-    for i in range(B):
-      row = rows[min(i, len(rows) - 1)]
-      row = row.split() if isinstance(row, str) else row
-      ids = [self.env.vocab.id(s) if isinstance(s, str) else int(s) for s in row]
-      toks[i, :len(ids)] = ids
-      lengths[i] = len(ids)
-    return base.Action(jnp.asarray(toks), jnp.asarray(lengths))
 
 
 # Policies that skip what makes the task solvable (the hidden state gives them the *rest* of the

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import string
 
 import chex

@@ -115,7 +115,10 @@ def plot(curves: dict, path: str, title: str, key: str = "eval/success_rate") ->
     m = np.asarray([c[0] for _, c in pts])
     h = np.asarray([c[1] for _, c in pts])
     ax.plot(steps, m, label=label)
-    ax.fill_between(steps, m - h, m + h, alpha=0.2)
+    lo, hi = m - h, m + h
+    if key.endswith("success_rate"):  # a rate: the band stays in [0, 1]
+      lo, hi = np.clip(lo, 0, 1), np.clip(hi, 0, 1)
+    ax.fill_between(steps, lo, hi, alpha=0.2)
   ax.set_xlabel("RL step (0 = the SFT warm start)")
   ax.set_ylabel(key)
   ax.set_title(title)

@@ -224,12 +224,51 @@ def report_dapo(root):
   ])
 
 
+def report_fix(root):
+  arms = [("SFT only", ("fix", "sft")),
+          ("DAPO + turn penalty (the SWE-style recipe)", ("fix", "dapo")),
+          ("GRPO", ("fix", "grpo")),
+          ("PPO, turn-level critic", ("fix", "ppo")),
+          ("DAPO without the turn penalty", ("fix", "dapo_no_penalty")),
+          ("DAPO, truncated episodes filtered out", ("fix", "dapo_filter_truncated"))]
+  return _train_table(root, arms, [
+      ("turns", lambda recs, evals: per_seed(last_eval(recs), "eval/turns")),
+      ("loops", lambda recs, evals: per_seed(last_eval(recs), "eval/loops")),
+      ("truncated", lambda recs, evals: per_seed(last_eval(recs), "eval/truncated")),
+      ("grad norm", lambda recs, evals: window(recs, "train/grad_norm")),
+      ("max grad norm", lambda recs, evals: [
+          max(x) for x in zip(*[per_seed(r, "train/grad_norm") for r in recs
+                                if r.get("train/grad_norm") is not None])]),
+  ])
+
+
+def report_retrieval(root):
+  columns = [("NDCG@10", "eval/ndcg", 1), ("Recall@10", "eval/recall", 1),
+             ("refinements", "eval/refinements", 1)]
+  table, curves = eval_table(root, "retrieval", [
+      ("SFT (single query)", ("retrieval", "sft")),
+      ("GRPO on NDCG@10", ("retrieval", "grpo_ndcg")),
+      ("GRPO on Recall@10", ("retrieval", "grpo_recall")),
+      ("multi-turn refinement: SFT", ("retrieval", "multiturn_sft")),
+      ("multi-turn refinement: GRPO on NDCG@10", ("retrieval", "multiturn_grpo"))], columns)
+  recs = _records(root, "retrieval", "sft")
+  if recs:  # the user's own text as the query, scored on the same evaluation episodes
+    final = last_eval(recs)
+    raw = ["raw user text as the query", str(_seeds(recs)), fmt(per_seed(final, "eval/raw_ndcg")),
+           fmt(per_seed(final, "eval/raw_recall")), "-"]
+    lines = table.split("\n")
+    table = "\n".join(lines[:2] + ["| " + " | ".join(raw) + " |"] + lines[2:])
+  return table, {k: v for k, v in curves.items() if "SFT" not in k}
+
+
 REPORTS = {
     "tool_use": (report_tool_use, "Greedy eval success during RL"),
     "clarify": (report_clarify, "Clarify: greedy eval success"),
     "lost_in_conversation": (report_lic, None),
     "masking": (report_masking, "Search (2 hops): masking ablation"),
     "dapo_ladder": (report_dapo, "Search (3 hops): the DAPO ladder"),
+    "fix": (report_fix, "Fix the program: pass rate"),
+    "retrieval": (report_retrieval, "Retrieval: greedy eval success (perfect top 10)"),
 }
 
 

@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
       dynamic_sampling=False, overlong_len=0, overlong_cache=0,
       mask_replies=True,         # False: tool replies enter the loss (masking ablation)
       separate_critic=False,
+      mr_window=0,               # CollabLLM multiturn-aware reward: w turns of look-ahead
+      mr_samples=1,              #   (0 = off; >= max turns = full); continuations per turn
       epochs=2, minibatches=2))
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, warmup=5, b1=0.9, b2=0.999, grad_clip=1.0, weight_decay=0.0))

@@ -76,6 +76,9 @@ EXPERIMENTS: dict[str, list[Arm]] = {
         _rl("ppo_trajectory", "configs/clarify_ppo.py", "sft"),
         _rl("ppo_myopic", "configs/clarify_myopic.py", "sft"),
         _rl("grpo", "configs/clarify_grpo.py", "sft"),
+        _rl("mr_w1", "configs/clarify_mr.py", "sft"),
+        _rl("mr_w2", "configs/clarify_mr2.py", "sft"),
+        _rl("mr_full", "configs/clarify_mr_full.py", "sft"),
     ],
     # 3. Lost in conversation: the clarify policies on the sharded vs fully specified task,
     #    10 samples per instance at temperature 1.

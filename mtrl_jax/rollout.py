@@ -48,6 +48,14 @@ Expert forcing (`config.force_expert=True`): instead of sampling, every turn rep
 `env.expert`'s action token by token (for evaluation of the expert through exactly the same
 loop, and for tests). Forced turns have `loss_mask=False`.
 
+Replay and continuation (`rows(..., forced_actions=, num_forced=, stop_after_turn=,
+continue_keys=)`): the first `num_forced[b]` agent turns of row b are fed from recorded tokens
+(`turn_actions(traj)`) instead of sampled, through the same path as expert forcing; with the
+recording's reset and sample keys the environment sees the same actions at the same loop
+iterations with the same step keys, so the conversation state is reproduced exactly, and the
+policy then samples the rest with `continue_keys`, optionally stopped after `stop_after_turn[b]`
+turns (truncated). `multiturn_aware_reward` builds CollabLLM's MR(k) on top of it.
+
 Real tokenizers: `env.vocab` is any `vocab.TokenizerAdapter` with `eot_id`, `size`, symbol
 lookups (`in`, `id`) and optionally `never_sampled_ids()`; `mtrl_jax.models.chat.ChatTokenizer`
 is the Hugging Face one (ids of a real tokenizer, turn ended by `<|im_end|>` / `<|eot_id|>`).
@@ -245,10 +253,38 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
     tok = jnp.argmax(logp, -1) if c.greedy else jax.random.categorical(key, logp)
     return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[..., None], -1)[..., 0]
 
-  def rows(params, reset_keys, sample_keys, env_params=None):
+  def rows(params, reset_keys, sample_keys, env_params=None, *, forced_actions=None,
+           forced_lengths=None, num_forced=None, stop_after_turn=None, continue_keys=None):
+    """Play one episode per row from explicit keys (see the module docstring).
+
+    Optional replay / continuation arguments (all None: the plain rollout, unchanged):
+      forced_actions: [B, K, A'] int32 recorded agent-turn tokens (A' <= turn budget A), e.g.
+        from `turn_actions(traj, A)`. Turns `k < num_forced[b]` are fed from the recording
+        instead of being sampled (`loss_mask=False`, `sampler_logprob=0`), like expert forcing.
+      forced_lengths: [B, K] int32 lengths of the recorded turns (informational: a recorded
+        turn ends with its own `<eot>`, or at the context end exactly as it did when recorded).
+      num_forced: [B] int32 number of leading turns to replay (needs `forced_actions`).
+      stop_after_turn: [B] int32: the episode is truncated once that many turns happened.
+      continue_keys: [B] keys for the tokens sampled after the forced prefix and the
+        environment steps of those sampled turns. The loop's own chain (from `sample_keys`)
+        still drives the environment steps of the forced turns, so replaying a recording with
+        its own `reset_keys` and `sample_keys` reproduces its environment steps exactly
+        (forced turns end at the same loop iterations), even for an environment whose `step`
+        uses its key; the continuation is then sampled with fresh keys.
+    """
     env_params = env.default_params if env_params is None else env_params
     B = reset_keys.shape[0]
     b_idx = jnp.arange(B)
+    replay = forced_actions is not None
+    if replay:
+      if num_forced is None:
+        raise ValueError("rows: forced_actions needs num_forced")
+      fa = jnp.asarray(forced_actions, jnp.int32)
+      if fa.shape[:2] != (B, K) or fa.shape[2] > A:
+        raise ValueError(f"rows: forced_actions must be [B={B}, K={K}, <= {A}], got {fa.shape}")
+      fa = jnp.pad(fa, ((0, 0), (0, 0), (0, A - fa.shape[2])))
+      num_forced = jnp.asarray(num_forced, jnp.int32)
+    del forced_lengths  # the recorded tokens carry their own end (see the docstring)
 
     env_state, prompt = jax.vmap(env.reset, in_axes=(0, None))(reset_keys, env_params)
     p_pos = jnp.where(jnp.arange(P) < prompt.length[:, None], jnp.arange(P), T)
@@ -282,6 +318,8 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
         turn_end=jnp.zeros((B, K), jnp.int32), turn_reward=jnp.zeros((B, K), jnp.float32),
         turn_valid=jnp.zeros((B, K), bool),
         done=jnp.zeros((B,), bool), truncated=jnp.zeros((B,), bool), it=jnp.int32(0))
+    if continue_keys is not None:
+      carry["ckeys"] = continue_keys
 
     def cond(s):
       return jnp.any(s["phase"] != DONE) & (s["it"] < T)
@@ -290,6 +328,12 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
       s = dict(s)
       split = jax.vmap(lambda k: jax.random.split(k, 3))(s["keys"])
       s["keys"], k_sample, k_env = split[:, 0], split[:, 1], split[:, 2]
+      if continue_keys is not None:
+        # Sampling always, and environment steps after the forced prefix, use fresh keys.
+        csplit = jax.vmap(lambda k: jax.random.split(k, 3))(s["ckeys"])
+        s["ckeys"], k_sample = csplit[:, 0], csplit[:, 1]
+        in_prefix = s["k"] < num_forced if replay else jnp.zeros((B,), bool)
+        k_env = jnp.where(in_prefix, k_env, csplit[:, 2])
 
       # A generating row with no room left is truncated; its partial turn still counts.
       out_of_room = (s["phase"] == GEN) & (s["pos"] >= T)
@@ -306,6 +350,11 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
       if c.force_expert:
         tok = s["forced"][b_idx, jnp.clip(n_in_turn, 0, A - 1)]
         sampled = jnp.zeros((B,), bool)
+      if replay:
+        in_forced_turn = s["k"] < num_forced
+        tok = jnp.where(in_forced_turn,
+                        fa[b_idx, jnp.clip(s["k"], 0, K - 1), jnp.clip(n_in_turn, 0, A - 1)], tok)
+        sampled = sampled & ~in_forced_turn
       force_eot = n_in_turn >= A - 1
       force_think = jnp.zeros((B,), bool)
       if c.think_budget is not None:
@@ -379,6 +428,8 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
       env_truncated = info["truncated"]
       terminated = ended & done & ~env_truncated
       out_of_turns = ended & ~terminated & (env_truncated | (s["k"] >= K))
+      if stop_after_turn is not None:
+        out_of_turns = out_of_turns | (ended & ~terminated & (s["k"] >= stop_after_turn))
       no_room = ended & ~terminated & ~out_of_turns & (s["pos"] + obs.length >= T)
       s["done"] = s["done"] | terminated
       s["truncated"] = s["truncated"] | out_of_turns | no_room
@@ -407,9 +458,86 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
     return rows(params, reset_keys, sample_keys, env_params)
 
   rollout.rows = rows
+  rows.turn_budget = A
   rollout.config = c
   rollout.max_turns = K
   return rollout
+
+
+def turn_actions(traj: Trajectory, width: int) -> tuple[jax.Array, jax.Array]:
+  """Each row's agent-turn tokens, as `rows(forced_actions=...)` takes them.
+
+  Args:
+    traj: a rollout's `Trajectory` (B rows, K turns).
+    width: A, tokens per turn to keep (the rollout's `turn_budget`).
+
+  Returns:
+    (tokens [B, K, width] int32, `<pad>` after each turn's end and on invalid turns;
+     lengths [B, K] int32, 0 on invalid turns).
+  """
+  B, T = traj.tokens.shape
+  K = traj.turn_end.shape[1]
+  lengths = jnp.sum(traj.turn[:, :, None] == jnp.arange(K), axis=1).astype(jnp.int32)  # [B, K]
+  start = traj.turn_end - lengths + 1
+  pos = start[:, :, None] + jnp.arange(width)                                          # [B, K, A]
+  toks = jnp.take_along_axis(traj.tokens[:, None, :], jnp.clip(pos, 0, T - 1), axis=2)
+  keep = (jnp.arange(width) < lengths[:, :, None]) & traj.turn_valid[:, :, None]
+  return jnp.where(keep, toks, V.PAD_ID).astype(jnp.int32), jnp.where(traj.turn_valid, lengths, 0)
+
+
+MR_SALT = 0x4D52  # folded into a row's sample key for its continuations' keys
+
+
+def multiturn_aware_reward(rows_fn: Callable[..., Trajectory], params, traj: Trajectory,
+                           reset_keys: jax.Array, sample_keys: jax.Array, *, window: int,
+                           samples: int = 1, env_params=None) -> tuple[jax.Array, Trajectory]:
+  """CollabLLM's multiturn-aware reward MR(k), by forward sampling, in one batched rollout.
+
+  For every row b of `traj` and every turn k, the conversation is replayed through turn k
+  (recorded tokens, same reset and sample keys: the same state), then `window` more agent turns
+  are sampled with the current policy `params` and the environment (the simulated user), with
+  fresh keys derived from the row's sample key, the turn and the sample index (so a row's MR
+  depends only on its keys, whatever the batch or the device layout); `window >= K` plays the
+  conversation to its end. Then
+
+    MR[b, k] = mean over `samples` continuations of the sum of their rewards of turns k ..
+               k + window (turn k's own reward included; fewer if the episode ends first).
+
+  All B*K*samples continuations run as one `rows_fn` call (static shapes; continuations of
+  invalid turns are computed and discarded). Cost: about K*samples rollouts of the batch.
+
+  Args:
+    rows_fn: `make_rollout(...).rows` (the rollout that produced `traj`).
+    params: policy params.
+    traj: [B] recorded trajectories, K turns, produced by `rows_fn(params?, reset_keys,
+      sample_keys)` (any params: only the tokens are replayed).
+    reset_keys, sample_keys: [B] the keys `traj` was played with.
+    window: w >= 1 turns of look-ahead.
+    samples: continuations per turn.
+
+  Returns:
+    (MR [B, K] float32, 0 on invalid turns; the continuations' `Trajectory`, rows laid out
+     [B, K, samples] flattened).
+  """
+  if window < 1 or samples < 1:
+    raise ValueError(f"window and samples must be >= 1, got {window}, {samples}")
+  B, K = traj.turn_valid.shape
+  A = rows_fn.turn_budget
+  actions, _ = turn_actions(traj, A)
+  n_valid = jnp.sum(traj.turn_valid, axis=1).astype(jnp.int32)                          # [B]
+  rep = lambda x: jnp.repeat(x, K * samples, axis=0)
+  k_of = jnp.tile(jnp.repeat(jnp.arange(K, dtype=jnp.int32), samples), B)                # [N]
+  num_forced = jnp.minimum(k_of + 1, rep(n_valid))
+  stop = k_of + 1 + window if window < K else None
+  row_keys = rep(sample_keys)
+  ckeys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.fold_in(k, MR_SALT), i))(
+      row_keys, jnp.tile(jnp.arange(K * samples, dtype=jnp.int32), B))
+  cont = rows_fn(params, rep(reset_keys), row_keys, env_params, forced_actions=rep(actions),
+                 num_forced=num_forced, stop_after_turn=stop, continue_keys=ckeys)
+  from_k = jnp.arange(K)[None, :] >= k_of[:, None]                                       # [N, K]
+  total = jnp.sum(jnp.where(cont.turn_valid & from_k, cont.turn_reward, 0.0), axis=1)
+  mr = jnp.mean(total.reshape(B, K, samples), axis=2)
+  return jnp.where(traj.turn_valid, mr, 0.0), cont
 
 
 def _truncate(s: dict[str, Any], which: jax.Array) -> dict[str, Any]:

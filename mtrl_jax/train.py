@@ -119,6 +119,14 @@ def _check_algo(algo, rollout_config: rollout_lib.RolloutConfig) -> None:
                      f"{losses.AGGREGATION_MODES}")
   if algo.kl_coef and algo.kl_kind not in losses.KL_KINDS:
     raise ValueError(f"config.algo.kl_kind={algo.kl_kind!r}; expected one of {losses.KL_KINDS}")
+  mr_window, mr_samples = algo.get("mr_window", 0), algo.get("mr_samples", 1)
+  if not isinstance(mr_window, int) or mr_window < 0:
+    raise ValueError(f"config.algo.mr_window must be an integer >= 0 (0 = off), got {mr_window!r}")
+  if not isinstance(mr_samples, int) or mr_samples < 1:
+    raise ValueError(f"config.algo.mr_samples must be an integer >= 1, got {mr_samples!r}")
+  if mr_window and algo.advantage != "turn_gae":
+    raise ValueError(f"config.algo.mr_window={mr_window} (multiturn-aware reward) needs "
+                     f"config.algo.advantage='turn_gae', got {algo.advantage!r}")
 
 
 def written_mask(tokens: jax.Array) -> jax.Array:
@@ -141,6 +149,17 @@ class Trainer:
   * `train_step(state, key) -> (state, metrics)`: rollout -> one forward for old log-probs,
     values and reference log-probs -> advantages -> `epochs` x `minibatches` clipped updates in
     `lax.scan`. No host round trip.
+
+    Multiturn-aware reward (CollabLLM; `algo.mr_window = w > 0`, `algo.mr_samples = S`):
+    after the rollout, every turn k of every row is continued `S` times by the current policy
+    and the environment for w more turns (w >= K: to the end) from the replayed conversation
+    through turn k, in one more batched rollout of B*K*S rows inside the same jitted step
+    (`rollout.multiturn_aware_reward`). MR[b, k] = mean over the continuations of their rewards
+    of turns k .. k+w. MR replaces the environment's per-turn reward (shaping terms, overlong
+    and KL-in-reward, still add) with `gamma_turn = 0` semantics: each turn is credited with its
+    MR only, against the turn-level critic (`advantage='turn_gae'`, required): A_k = MR_k - V_k,
+    value target MR_k. `train/return` stays the environment's return of the rollout;
+    `train/mr_mean` is the mean MR over valid turns. Cost: ~K*S extra rollouts per step.
   * `evaluate(params, key) -> metrics`: greedy rollouts.
   * `train(key) -> (state, metrics)`: the whole run (SFT then RL) in one `lax.scan` each;
     `jax.vmap(train)(keys)` trains several seeds at once.
@@ -265,6 +284,12 @@ class Trainer:
     traj = self.rollout.rows(state.params["policy"], reset_keys, sample_keys, self.env_params)
     B, T = traj.tokens.shape
     K = traj.turn_end.shape[1]
+    mr_window = algo.get("mr_window", 0)
+    if mr_window:  # multiturn-aware reward: continuations of every turn (see the class doc)
+      mr, _ = rollout_lib.multiturn_aware_reward(
+          self.rollout.rows, state.params["policy"], traj, reset_keys, sample_keys,
+          window=mr_window, samples=algo.get("mr_samples", 1), env_params=self.env_params)
+      mr = jax.lax.stop_gradient(mr)
 
     # One forward with the rollout's params: old log-probs, values, reference log-probs.
     _, old_logp, values = self._forward(state.params, traj.tokens)
@@ -302,6 +327,10 @@ class Trainer:
                                   kl_tok[:, :, None], 0.0), axis=1)
       rewards = rewards - algo.kl_coef * kl_turn
     returns = jnp.sum(rewards * traj.turn_valid, axis=1)  # [B]
+    gamma_turn = algo.gamma_turn
+    if mr_window:  # MR replaces the environment's reward of each turn; no credit carried over
+      rewards = rewards - traj.turn_reward + mr
+      gamma_turn = 0.0
 
     # Advantages and value targets.
     bootstrap = values[jnp.arange(B), last_pos]
@@ -311,7 +340,7 @@ class Trainer:
       v_pos = turn_start - 1  # the token before a turn: the state the agent acts from
       turn_values = jnp.take_along_axis(values, v_pos, axis=1)
       adv_turn, ret_turn = advantages.turn_gae(rewards, turn_values, traj.turn_valid,
-                                               traj.done, bootstrap, algo.gamma_turn, algo.lam)
+                                               traj.done, bootstrap, gamma_turn, algo.lam)
       # Each trained token takes the advantage of its turn; with mask_replies=False a reply
       # token takes the advantage of the turn it answers (the last turn before it).
       owner = jnp.where(mask, jax.lax.cummax(traj.turn, axis=1), -1)
@@ -433,6 +462,9 @@ class Trainer:
         "train/frac_groups_kept": self._sum(frac_kept) / self.num_devices,
         "train/nan_skipped": skipped.astype(jnp.float32),
     })
+    if mr_window:
+      out["train/mr_mean"] = (self._sum(jnp.sum(jnp.where(traj.turn_valid, mr, 0.0)))
+                              / jnp.maximum(self._sum(jnp.sum(traj.turn_valid)), 1))
     if not algo.kl_coef:
       out["train/kl"] = jnp.float32(0.0)
     if "train/value_loss" not in out:

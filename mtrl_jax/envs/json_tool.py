@@ -634,7 +634,8 @@ def from_config(section: Mapping[str, Any]) -> tuple[JsonToolEnv, JsonToolParams
     raise ValueError(f"unknown keys {unknown} for environment 'json_tool'; accepted: "
                      f"{list(CONFIG_KEYS)}")
   if not kw.get("checkpoint"):
-    raise ValueError("env.checkpoint (the directory with tokenizer.json) is not set")
+    raise ValueError("env.checkpoint (the directory with tokenizer.json; it follows "
+                     "config.model.checkpoint) is not set")
   tokenizer = chat.ChatTokenizer.from_dir(kw["checkpoint"], layout=kw.get("layout", "auto"))
   data_dir, dataset = kw.get("data_dir", ""), kw.get("dataset", "")
   if kw.get("tasks"):

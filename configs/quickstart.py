@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
       tis_cap=0.0,               # truncated importance correction vs the sampler (0 = off)
       dynamic_sampling=False, overlong_len=0, overlong_cache=0,
       mask_replies=True,         # False: tool replies enter the loss (masking ablation)
+      keep_truncated=True,       # False: truncated episodes are dropped from the loss (ablation)
       separate_critic=False,
       mr_window=0,               # CollabLLM multiturn-aware reward: w turns of look-ahead
       mr_samples=1,              #   (0 = off; >= max turns = full); continuations per turn

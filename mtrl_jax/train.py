@@ -310,6 +310,11 @@ class Trainer:
     if not algo.mask_replies:  # ablation: replies enter the loss too (Search-R1's point)
       started = jnp.cumsum(traj.turn >= 0, axis=1) > 0
       mask = mask | (started & (traj.turn < 0) & written)
+    # Ablation: drop truncated (overlong) episodes from the loss. The default keeps them: in RL
+    # for SWE agents, filtering them hid looping failures.
+    kept_rows = (~traj.truncated if not algo.get("keep_truncated", True)
+                 else jnp.ones((B,), bool))
+    mask = mask & kept_rows[:, None]
 
     # Rewards: environment rewards per turn, plus shaping on the last turn.
     turn_len = jnp.sum(traj.turn[:, :, None] == jnp.arange(K), axis=1)  # [B, K]
@@ -386,6 +391,7 @@ class Trainer:
       tis = losses.truncated_importance_weights(old_logp, traj.sampler_logprob,
                                                 traj.loss_mask, algo.tis_cap)
 
+    v_mask = v_mask & kept_rows[:, None]
     batch = dict(tokens=traj.tokens, mask=mask, adv=adv, old_logp=old_logp, ref_logp=ref_logp,
                  old_values=values, v_mask=v_mask, v_target=v_target, tis=tis)
     M = algo.minibatches

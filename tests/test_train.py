@@ -325,3 +325,27 @@ def test_written_mask_keeps_pad_ids_inside_the_stream():
   tokens = jnp.array([[5, 0, 7, 0, 0], [3, 4, 0, 0, 0], [1, 2, 3, 4, 5]])
   expected = np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
   np.testing.assert_array_equal(train_lib.written_mask(tokens), expected)
+
+
+def test_keep_truncated_false_drops_truncated_episodes_from_the_loss():
+  """The untrained policy never answers within the turn limit: every episode is truncated, so
+  with `keep_truncated=False` nothing is left to learn from and nothing changes. (Two steps:
+  the warm-up schedule's first learning rate is 0; a format penalty gives the returns, and so
+  the advantages, some spread.)"""
+  def two_steps(**algo):
+    c = small_config(epochs=1, minibatches=1, **algo)
+    c.optim.warmup = 1
+    c.env.format_penalty = 0.1
+    tr = train_lib.make_train(c)
+    step = jax.jit(tr.train_step)
+    state = jax.jit(tr.start_rl)(tr.init(jax.random.key(9)))
+    new, m1 = step(state)
+    new, m2 = step(new)
+    assert float(m1["train/truncated"]) == float(m2["train/truncated"]) == 1.0
+    return state, new
+
+  state, new = two_steps(keep_truncated=False)
+  chex.assert_trees_all_equal(new.params, state.params)
+  state, kept = two_steps()  # truncated episodes kept: the policy is updated
+  assert not np.allclose(kept.params["policy"]["embed"]["embedding"],
+                         state.params["policy"]["embed"]["embedding"])

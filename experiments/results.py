@@ -44,10 +44,11 @@ class Arm:
   overrides: tuple[str, ...] = ()
   init_from: str | None = None
   out: str | None = None
+  sft_steps: int | None = None  # this warm start's own SFT length (default: --sft_steps)
 
 
-def _warm_start(name: str, config: str, *overrides: str) -> Arm:
-  return Arm(name, "sft", config, overrides)
+def _warm_start(name: str, config: str, *overrides: str, sft_steps: int | None = None) -> Arm:
+  return Arm(name, "sft", config, overrides, sft_steps=sft_steps)
 
 
 def _rl(name: str, config: str, sft: str, *overrides: str) -> Arm:
@@ -107,6 +108,25 @@ EXPERIMENTS: dict[str, list[Arm]] = {
             "--config.algo.overlong_len=40", "--config.algo.overlong_cache=10"),
         _rl("5_dynamic_sampling", "configs/search_dapo.py", "tool_use/search3_sft"),
     ],
+    # 6. Fix the program (issue 8): the SWE-style DAPO recipe vs GRPO vs PPO, and two ablations.
+    "fix": [
+        _warm_start("sft", "configs/fix_ppo.py", sft_steps=400),
+        _rl("dapo", "configs/fix_dapo.py", "sft"),
+        _rl("grpo", "configs/fix_grpo.py", "sft"),
+        _rl("ppo", "configs/fix_ppo.py", "sft"),
+        _rl("dapo_no_penalty", "configs/fix_dapo_no_penalty.py", "sft"),
+        _rl("dapo_filter_truncated", "configs/fix_dapo.py", "sft",
+            "--config.algo.keep_truncated=False"),
+    ],
+    # 7. Retrieval (issue 8): NDCG / Recall as rewards; the raw-user-text row is every run's
+    #    eval/raw_ndcg. A short warm start leaves the reward room to act (configs' docstrings).
+    "retrieval": [
+        _warm_start("sft", "configs/retrieval_grpo_ndcg.py", sft_steps=60),
+        _rl("grpo_ndcg", "configs/retrieval_grpo_ndcg.py", "sft"),
+        _rl("grpo_recall", "configs/retrieval_grpo_recall.py", "sft"),
+        _warm_start("multiturn_sft", "configs/retrieval_multiturn.py", sft_steps=60),
+        _rl("multiturn_grpo", "configs/retrieval_multiturn.py", "multiturn_sft"),
+    ],
 }
 
 
@@ -124,7 +144,11 @@ def command(root: str, experiment: str, arm: Arm, *, seeds: int, sft_steps: int,
     out = os.path.join(source, arm.out)
     return cmd + ["--run", source, "--out", out, *arm.overrides], out
   workdir = arm_dir(root, experiment, arm.name)
-  cmd += ["--workdir", workdir, f"--config.sft.steps={0 if arm.init_from else sft_steps}",
+  if arm.init_from:
+    sft_steps = 0
+  elif arm.sft_steps is not None:
+    sft_steps = arm.sft_steps
+  cmd += ["--workdir", workdir, f"--config.sft.steps={sft_steps}",
           f"--config.train.steps={rl_steps}", "--config.train.eval_every=10",
           "--config.train.checkpoint_every=20"]
   if arm.init_from:

@@ -150,7 +150,10 @@ def report_clarify(root):
   arms = [("SFT only", ("clarify", "sft")),
           ("PPO, trajectory-level critic (gamma_turn = 1)", ("clarify", "ppo_trajectory")),
           ("PPO, myopic (gamma_turn = 0)", ("clarify", "ppo_myopic")),
-          ("GRPO on the trajectory return", ("clarify", "grpo"))]
+          ("GRPO on the trajectory return", ("clarify", "grpo")),
+          ("PPO on the multiturn-aware reward, w = 1", ("clarify", "mr_w1")),
+          ("PPO on the multiturn-aware reward, w = 2", ("clarify", "mr_w2")),
+          ("PPO on the multiturn-aware reward, w = full", ("clarify", "mr_full"))]
   table, curves = eval_table(root, "clarify", arms, [
       ("eval success", "eval/success_rate", 1), ("asks", "eval/num_asks", 1),
       ("first turn asks", "eval/first_turn_ask", 1), ("premature answers", "eval/premature", 1),

@@ -289,10 +289,10 @@ def compute_statement(root) -> str:
 
 
 def update_markdown(text: str, name: str, body: str) -> str:
-  pattern = re.compile(rf"(<!-- report:{name} -->\n).*?(\n<!-- /report:{name} -->)", re.S)
+  pattern = re.compile(rf"(<!-- report:{name} -->\n)(?:.*?\n)?(<!-- /report:{name} -->)", re.S)
   if not pattern.search(text):
     return text
-  return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+  return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
 
 
 def main(argv):

@@ -75,8 +75,8 @@ def test_report_writes_tables_plots_and_markdown(tmp_path):
                                                  "wall_s": 120.0}) + "\n")
   docs.mkdir()
   (docs / "RESULTS.md").write_text("intro\n<!-- report:tool_use -->\nold\n"
-                                   "<!-- /report:tool_use -->\n<!-- report:compute -->\n\n"
-                                   "<!-- /report:compute -->\nend\n")
+                                   "<!-- /report:tool_use -->\n<!-- report:compute -->\n"
+                                   "<!-- /report:compute -->\nend\n")  # an empty section too
   report.write_report(str(root), str(docs))
   text = (docs / "RESULTS.md").read_text()
   assert "old" not in text and text.startswith("intro") and text.endswith("end\n")
@@ -84,5 +84,5 @@ def test_report_writes_tables_plots_and_markdown(tmp_path):
   assert f"| calculator: SFT + PPO (turn critic) | 2 | {m:.2f} ± {h:.2f} |" in text
   assert "| calculator: SFT only | 2 | 0.60 ±" in text
   assert "calculator: SFT + GRPO | not run" in text
-  assert "2 min in all" in text
+  assert "<!-- report:compute -->\nWall time on this machine: 2 min in all" in text
   assert (docs / "results_tool_use.png").stat().st_size > 1000

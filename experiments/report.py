@@ -84,19 +84,31 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
   return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def eval_table(root, experiment, arms, columns) -> tuple[str, dict]:
-  """Rows of final greedy-eval metrics per arm; columns: [(title, key, scale)]."""
+def eval_table(root, experiment, arms, columns, extra=()) -> tuple[str, dict]:
+  """Rows of final greedy-eval metrics per arm; columns: [(title, key, scale)]; extra:
+  [(title, fn(records) -> per-seed values)]."""
   rows, curves = [], {}
   for label, (exp, name) in arms:
     recs = _records(root, exp, name)
     if not recs:
-      rows.append([label, "not run"] + [""] * len(columns))
+      rows.append([label, "not run"] + [""] * (len(columns) + len(extra)))
       continue
     final = last_eval(recs)
-    rows.append([label, str(_seeds(recs))] + [fmt(per_seed(final, key), scale)
-                                              for _, key, scale in columns])
+    rows.append([label, str(_seeds(recs))] +
+                [fmt(per_seed(final, key), scale) for _, key, scale in columns] +
+                [fmt(fn(recs)) for _, fn in extra])
     curves[label] = recs
-  return _table(["arm", "seeds"] + [c[0] for c in columns], rows), curves
+  return _table(["arm", "seeds"] + [c[0] for c in columns] + [t for t, _ in extra],
+                rows), curves
+
+
+def sampled_gain(recs, key: str = "train/success_rate", n: int = 10) -> list[float]:
+  """Per seed: mean of `key` over the last n RL steps minus the first n (the sampled policy;
+  greedy evaluation can start near its ceiling)."""
+  rows = [per_seed(r, key) for r in recs if r.get(key) is not None]
+  if len(rows) < 2 * n:
+    return []
+  return list(np.mean(rows[-n:], axis=0) - np.mean(rows[:n], axis=0))
 
 
 def plot(curves: dict, path: str, title: str, key: str = "eval/success_rate") -> str | None:
@@ -140,7 +152,8 @@ def report_tool_use(root):
             (f"{env}: SFT + GRPO", ("tool_use", f"{env}_grpo"))]
     table, curves = eval_table(root, "tool_use", arms, [
         ("eval success", "eval/success_rate", 1), ("tool calls", "eval/tool_calls", 1),
-        ("turns", "eval/turns", 1), ("format errors", "eval/format_errors", 1)])
+        ("turns", "eval/turns", 1), ("format errors", "eval/format_errors", 1)],
+        [("sampled success, last - first 10 RL steps", sampled_gain)])
     out.append(f"**{title}**\n\n{table}")
     curves_all.update({k: v for k, v in curves.items() if "SFT only" not in k})
   return "\n\n".join(out), curves_all

@@ -86,3 +86,11 @@ def test_report_writes_tables_plots_and_markdown(tmp_path):
   assert "calculator: SFT + GRPO | not run" in text
   assert "<!-- report:compute -->\nWall time on this machine: 2 min in all" in text
   assert (docs / "results_tool_use.png").stat().st_size > 1000
+
+
+def test_sampled_gain_is_last_minus_first_window_per_seed():
+  recs = [{"step": i, "train/success_rate/seed0": float(i), "train/success_rate/seed1": 1.0}
+          for i in range(30)]
+  gain = report.sampled_gain(recs, n=10)
+  np.testing.assert_allclose(gain, [np.mean(range(20, 30)) - np.mean(range(10)), 0.0])
+  assert report.sampled_gain(recs[:15], n=10) == []  # too short for two windows

@@ -89,8 +89,8 @@ def test_report_writes_tables_plots_and_markdown(tmp_path):
 
 
 def test_sampled_gain_is_last_minus_first_window_per_seed():
-  recs = [{"step": i, "train/success_rate/seed0": float(i), "train/success_rate/seed1": 1.0}
-          for i in range(30)]
+  recs = [{"step": i, "train/success_rate": (i + 1.0) / 2, "train/success_rate/seed0": float(i),
+           "train/success_rate/seed1": 1.0} for i in range(30)]
   gain = report.sampled_gain(recs, n=10)
   np.testing.assert_allclose(gain, [np.mean(range(20, 30)) - np.mean(range(10)), 0.0])
   assert report.sampled_gain(recs[:15], n=10) == []  # too short for two windows

@@ -26,8 +26,8 @@ from absl import app, flags
 
 _ROOT = flags.DEFINE_string("root", "runs/results", "Where the runs go.")
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds per arm (vmapped).")
-_SFT_STEPS = flags.DEFINE_integer("sft_steps", 300, "SFT steps of the warm starts.")
-_RL_STEPS = flags.DEFINE_integer("rl_steps", 80, "RL steps of every RL arm.")
+_SFT_STEPS = flags.DEFINE_integer("sft_steps", 200, "SFT steps of the warm starts.")
+_RL_STEPS = flags.DEFINE_integer("rl_steps", 60, "RL steps of every RL arm.")
 _DRY = flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.")
 
 

@@ -376,11 +376,13 @@ class Trainer:
       std = jnp.sqrt(self._sum(jnp.sum(jnp.where(mask, (adv - mean) ** 2, 0.0))) / n)
       adv = (adv - mean) / (std + 1e-6)
     weights = jnp.ones((B,))
-    # Groups whose returns are all equal carry no GRPO/RLOO signal (DAPO's motivation).
-    frac_kept = (advantages.dynamic_sampling_weights(returns, rc.group_size)[1]
-                 if rc.group_size > 1 else jnp.float32(1.0))
+    # Groups whose returns are all equal carry no GRPO/RLOO signal (DAPO's motivation): their
+    # fraction is logged always; dynamic sampling also weights them out.
+    frac_kept = jnp.float32(1.0)
+    if rc.group_size > 1:
+      ds_weights, frac_kept = advantages.dynamic_sampling_weights(returns, rc.group_size)
     if algo.dynamic_sampling:
-      weights, frac_kept = advantages.dynamic_sampling_weights(returns, rc.group_size)
+      weights = ds_weights
       if self.axis_name is not None:  # renormalise over the global batch, not this device's
         kept = weights > 0
         num_kept = self._sum(jnp.sum(kept))

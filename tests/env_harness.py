@@ -3,6 +3,7 @@ batch once (compiles are the cost in these tests), and batches of hand-written a
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,3 +64,22 @@ class EnvHarness:
 
   def decode(self, reply, i):
     return self.env.vocab.decode(np.asarray(reply.tokens[i]))
+
+  BASE_INFO = ("success", "num_tool_calls", "format_errors", "num_turns", "truncated")
+
+  def check_step_contract(self, keys, state, info_keys=()):
+    """One expert step from `state` obeys the environment API's shapes and dtypes: actions
+    within `action_len`, the state's structure kept, [B, reply_len] replies, [B] float32
+    rewards, and [B] info entries (the base ones plus `info_keys`). Returns the step's output."""
+    env = self.env
+    action = self._policy(keys[1], state, self.params, EXPERT)
+    chex.assert_shape(action.tokens, (self.B, self.W))
+    assert np.all(np.asarray(action.length) <= env.action_len)
+    new, reply, reward, done, info = self.step(keys[2], state, action, self.params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new, state)
+    chex.assert_shape(reply.tokens, (self.B, env.reply_len))
+    chex.assert_shape([reward, done, reply.length, reply.role], (self.B,))
+    chex.assert_type(reward, jnp.float32)
+    for k in self.BASE_INFO + tuple(info_keys):
+      chex.assert_shape(info[k], (self.B,))
+    return action, (new, reply, reward, done, info)

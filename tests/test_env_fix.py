@@ -127,18 +127,9 @@ def test_reset_step_expert_shapes_jit_vmap():
   chex.assert_shape(state.inputs, (B, env.num_tests))
   assert env.vocab.decode(np.asarray(obs.tokens[0])) == \
       "<bos> <user> fix program 4 lines <eot> <assistant>"
-  action = h.expert(keys[1], state, h.params)
-  chex.assert_shape(action.tokens, (B, h.W))
-  assert np.all(np.asarray(action.length) <= env.action_len)
-  new, reply, reward, done, info = h.step(keys[2], state, action, h.params)
-  chex.assert_trees_all_equal_shapes_and_dtypes(new, state)
-  chex.assert_shape(reply.tokens, (B, env.reply_len))
-  chex.assert_shape([reward, done, reply.length, reply.role], (B,))
-  chex.assert_type(reward, jnp.float32)
-  for k in ("success", "num_tool_calls", "format_errors", "num_turns", "truncated",
-            "tests_passed", "bugs_left", "runs", "views", "edits", "noop_edits", "loops",
-            "submitted"):
-    chex.assert_shape(info[k], (B,))
+  action, (new, reply, reward, done, info) = h.check_step_contract(keys, state, (
+      "tests_passed", "bugs_left", "runs", "views", "edits", "noop_edits", "loops",
+      "submitted"))
   # Deterministic per key; different keys give different programs.
   chex.assert_trees_all_equal((state, obs), h.reset(keys[0], h.params))
   chex.assert_trees_all_equal(reply, h.step(keys[2], state, action, h.params)[1])

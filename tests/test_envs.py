@@ -130,18 +130,8 @@ def test_reset_step_expert_jit_vmap_shapes(name):
   assert np.all(np.asarray(obs.tokens)[:, 0] == env.vocab.bos_id)
   chex.assert_trees_all_equal(state.turn, jnp.zeros((B,), jnp.int32))
 
-  action = h.expert(keys[1], state, h.params)
-  chex.assert_shape(action.tokens, (B, h.W))
+  action, (new, reply, reward, done, info) = h.check_step_contract(keys, state)
   chex.assert_shape(action.length, (B,))
-  assert np.all(np.asarray(action.length) <= env.action_len)
-
-  new, reply, reward, done, info = h.step(keys[2], state, action, h.params)
-  chex.assert_trees_all_equal_shapes_and_dtypes(new, state)
-  chex.assert_shape(reply.tokens, (B, env.reply_len))
-  chex.assert_shape([reward, done, reply.length, reply.role], (B,))
-  chex.assert_type(reward, jnp.float32)
-  for key in ("success", "num_tool_calls", "format_errors", "num_turns", "truncated"):
-    chex.assert_shape(info[key], (B,))
   _leading_b(info)
   chex.assert_trees_all_equal(new.turn, jnp.ones((B,), jnp.int32))
 

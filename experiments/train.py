@@ -91,9 +91,13 @@ def main(argv, *, sft_only: bool = False):
     sys.exit(f"error: config.sft.steps={sft_steps}: experiments.sft needs at least one step")
   total = sft_steps + rl_steps
   env, mc = trainer.env, trainer.model_config
+  episodes = f"{trainer.rollout_config.batch_size} episodes/step"
+  if trainer.reflexion is not None:
+    episodes = (f"{config.reflexion.train_trials} Reflexion trials x {episodes} (memory "
+                f"{config.reflexion.memory})")
   print(f"env {config.env.name}: vocab {env.vocab.size}, max turns {env.max_turns}; model "
-        f"{config.model.preset}: {mc.num_params():,} params; {trainer.rollout_config.batch_size} "
-        f"episodes/step; {seeds} seed(s); jax {jax.__version__} on {jax.devices()[0].platform}")
+        f"{config.model.preset}: {mc.num_params():,} params; {episodes}; {seeds} seed(s); "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}")
   print(f"workdir {workdir}: {sft_steps} SFT steps, then {rl_steps} RL steps "
         f"({config.algo.advantage})")
 

@@ -254,8 +254,14 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
     return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[..., None], -1)[..., 0]
 
   def rows(params, reset_keys, sample_keys, env_params=None, *, forced_actions=None,
-           forced_lengths=None, num_forced=None, stop_after_turn=None, continue_keys=None):
+           forced_lengths=None, num_forced=None, stop_after_turn=None, continue_keys=None,
+           env_params_per_row=False, return_env_state=False):
     """Play one episode per row from explicit keys (see the module docstring).
+
+    `env_params_per_row=True`: every leaf of `env_params` has a leading [B] axis and row b
+    plays with its own slice (e.g. `mtrl_jax.reflexion.WithMemory`'s per-row memory);
+    default: one `env_params` broadcast to every row. `return_env_state=True` returns
+    `(Trajectory, final env state [B])` (what a reflection is built from).
 
     Optional replay / continuation arguments (all None: the plain rollout, unchanged):
       forced_actions: [B, K, A'] int32 recorded agent-turn tokens (A' <= turn budget A), e.g.
@@ -273,6 +279,7 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
         uses its key; the continuation is then sampled with fresh keys.
     """
     env_params = env.default_params if env_params is None else env_params
+    p_axis = 0 if env_params_per_row else None
     B = reset_keys.shape[0]
     b_idx = jnp.arange(B)
     replay = forced_actions is not None
@@ -286,7 +293,7 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
       num_forced = jnp.asarray(num_forced, jnp.int32)
     del forced_lengths  # the recorded tokens carry their own end (see the docstring)
 
-    env_state, prompt = jax.vmap(env.reset, in_axes=(0, None))(reset_keys, env_params)
+    env_state, prompt = jax.vmap(env.reset, in_axes=(0, p_axis))(reset_keys, env_params)
     p_pos = jnp.where(jnp.arange(P) < prompt.length[:, None], jnp.arange(P), T)
     cache = tf.init_cache(model_config, B, T)
     logits, cache = model(params, prompt.tokens, p_pos, cache)
@@ -296,14 +303,14 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
         jnp.where(jnp.arange(P) < prompt.length[:, None], prompt.tokens, V.PAD_ID))
     # Info: zeros of the environment's info structure, filled at each row's env steps.
     info_shape = jax.eval_shape(
-        lambda: jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+        lambda: jax.vmap(env.step, in_axes=(0, 0, 0, p_axis))(
             reset_keys, env_state, envs_base.Action(jnp.zeros((B, A), jnp.int32),
                                                      jnp.zeros((B,), jnp.int32)), env_params)[4])
     info = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), info_shape)
     keys = jax.vmap(jax.random.split)(sample_keys)  # [B, 2]: (loop key, expert key)
     forced = jnp.zeros((B, A), jnp.int32)
     if c.force_expert:
-      forced = _expert_tokens(env, keys[:, 1], env_state, env_params, A)
+      forced = _expert_tokens(env, keys[:, 1], env_state, env_params, A, p_axis)
 
     carry = dict(
         keys=keys[:, 0], cache=cache, next_logits=next_logits,
@@ -413,7 +420,7 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
           jnp.pad(s["tokens"], ((0, 0), (0, A))), s["turn_start"])
       action = envs_base.Action(jnp.where(jnp.arange(A) < length[:, None], window, V.PAD_ID),
                                 length.astype(jnp.int32))
-      new_state, obs, reward, done, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+      new_state, obs, reward, done, info = jax.vmap(env.step, in_axes=(0, 0, 0, p_axis))(
           k_env, s["env_state"], action, env_params)
       sel = lambda new, old: jax.vmap(jnp.where)(ended, new, old)
       s["env_state"] = jax.tree.map(sel, new_state, s["env_state"])
@@ -440,7 +447,7 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
       s["reply_i"] = jnp.where(ended, 0, s["reply_i"])
       if c.force_expert:
         expert_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(k_env)
-        new_forced = _expert_tokens(env, expert_keys, s["env_state"], env_params, A)
+        new_forced = _expert_tokens(env, expert_keys, s["env_state"], env_params, A, p_axis)
         s["forced"] = jnp.where(ended[:, None], new_forced, s["forced"])
       return s
 
@@ -448,10 +455,11 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
     # Rows still generating when the iteration bound hit (cannot happen: every iteration
     # advances each live row) would be truncated here; keep the contract regardless.
     s = _truncate(s, s["phase"] != DONE)
-    return Trajectory(
+    traj = Trajectory(
         tokens=s["tokens"], loss_mask=s["loss_mask"], turn=s["turn"],
         sampler_logprob=s["logprob"], turn_end=s["turn_end"], turn_reward=s["turn_reward"],
         turn_valid=s["turn_valid"], done=s["done"], truncated=s["truncated"], info=s["info"])
+    return (traj, s["env_state"]) if return_env_state else traj
 
   def rollout(params, key, env_params=None) -> Trajectory:
     reset_keys, sample_keys = rollout_keys(key, c.num_envs, c.group_size)
@@ -554,9 +562,9 @@ def _truncate(s: dict[str, Any], which: jax.Array) -> dict[str, Any]:
   return s
 
 
-def _expert_tokens(env, keys, env_state, env_params, width: int) -> jax.Array:
+def _expert_tokens(env, keys, env_state, env_params, width: int, params_axis=None) -> jax.Array:
   """[B, width] expert action tokens, padded (the budget check guarantees they fit)."""
-  action = jax.vmap(env.expert, in_axes=(0, 0, None))(keys, env_state, env_params)
+  action = jax.vmap(env.expert, in_axes=(0, 0, params_axis))(keys, env_state, env_params)
   toks = action.tokens[:, :width]
   pad = width - toks.shape[1]
   return jnp.pad(toks, ((0, 0), (0, pad))) if pad > 0 else toks

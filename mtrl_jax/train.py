@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtrl_jax import reflexion as reflexion_lib
 from mtrl_jax import rollout as rollout_lib
 from mtrl_jax import vocab as V
 from mtrl_jax.envs import base as envs_base
@@ -129,6 +130,33 @@ def _check_algo(algo, rollout_config: rollout_lib.RolloutConfig) -> None:
                      f"config.algo.advantage='turn_gae', got {algo.advantage!r}")
 
 
+REFLEXION_KEYS = ("train_trials", "memory", "reflection", "reflection_len")
+
+
+def _check_reflexion(config) -> dict[str, Any] | None:
+  """`config.reflexion` (optional) -> `make_reflexion` kwargs, or None when off.
+
+  train_trials: trials per RL episode (1 = off: ordinary episodes); memory: Omega reflections
+  kept; reflection: 'template' | 'policy'; reflection_len: tokens per reflection (0 = the
+  environment's template length)."""
+  section = config.get("reflexion", None)
+  if section is None:
+    return None
+  kwargs = _as_dict(section)
+  unknown = sorted(set(kwargs) - set(REFLEXION_KEYS))
+  if unknown:
+    raise ValueError(f"config.reflexion: unknown keys {unknown}; valid keys: "
+                     f"{list(REFLEXION_KEYS)}")
+  trials = kwargs.get("train_trials", 1)
+  if not isinstance(trials, int) or trials < 1:
+    raise ValueError(f"config.reflexion.train_trials must be an integer >= 1, got {trials!r}")
+  if trials == 1:
+    return None
+  return dict(trials=trials, memory=kwargs.get("memory", 1),
+              reflection=kwargs.get("reflection", "template"),
+              reflection_len=kwargs.get("reflection_len", 0) or None)
+
+
 def written_mask(tokens: jax.Array) -> jax.Array:
   """[B, T] bool: positions up to each row's last non-pad token (padding only follows it).
 
@@ -148,7 +176,10 @@ class Trainer:
   * `start_rl(state) -> TrainState`: freeze the reference policy, fresh RL optimizer.
   * `train_step(state, key) -> (state, metrics)`: rollout -> one forward for old log-probs,
     values and reference log-probs -> advantages -> `epochs` x `minibatches` clipped updates in
-    `lax.scan`. No host round trip.
+    `lax.scan`. No host round trip. With `config.reflexion.train_trials = N > 1` the rollout
+    is N Reflexion trials of the same tasks (`mtrl_jax.reflexion`: episodic memory of the
+    failed trials' reflections in the prompt) and the update trains on all N*B episodes
+    (meta-training a policy to use its memory).
 
     Multiturn-aware reward (CollabLLM; `algo.mr_window = w > 0`, `algo.mr_samples = S`):
     after the rollout, every turn k of every row is continued `S` times by the current policy
@@ -187,6 +218,18 @@ class Trainer:
                        f"config.algo.minibatches={self.algo.minibatches}")
     self.rollout = rollout_lib.make_rollout(self.env, self.model_config,
                                             dataclasses.replace(rc, num_envs=local))
+    self.reflexion = None
+    meta = _check_reflexion(config)
+    if meta:  # meta-training on multi-trial episodes with episodic memory (mtrl_jax.reflexion)
+      if self.algo.get("mr_window", 0):
+        raise ValueError("config.reflexion.train_trials > 1 cannot be combined with "
+                         "config.algo.mr_window (multiturn-aware reward)")
+      try:
+        self.reflexion = reflexion_lib.make_reflexion(
+            self.env, self.model_config, dataclasses.replace(rc, num_envs=local),
+            keep_trajectories=True, **meta)
+      except ValueError as e:
+        raise ValueError(f"config.reflexion: {e}") from None
     self.eval_rollout = rollout_lib.make_rollout(
         self.env, self.model_config,
         dataclasses.replace(self.rollout_config, num_envs=config.train.eval_envs, group_size=1,
@@ -281,7 +324,11 @@ class Trainer:
       reset_keys = jax.lax.dynamic_slice_in_dim(reset_keys, start, n)
       sample_keys = jax.lax.dynamic_slice_in_dim(sample_keys, start, n)
       k_perm = jax.random.fold_in(k_perm, jax.lax.axis_index(self.axis_name))
-    traj = self.rollout.rows(state.params["policy"], reset_keys, sample_keys, self.env_params)
+    if self.reflexion is None:
+      traj = self.rollout.rows(state.params["policy"], reset_keys, sample_keys, self.env_params)
+    else:  # N trials of the same tasks with memory; all N*B episodes are trained on
+      trials = self.reflexion(state.params["policy"], reset_keys, sample_keys, self.env_params)
+      traj = reflexion_lib.flatten_trials(trials.trajs)
     B, T = traj.tokens.shape
     K = traj.turn_end.shape[1]
     mr_window = algo.get("mr_window", 0)
@@ -470,6 +517,11 @@ class Trainer:
         "train/frac_groups_kept": self._sum(frac_kept) / self.num_devices,
         "train/nan_skipped": skipped.astype(jnp.float32),
     })
+    if self.reflexion is not None:  # per-trial success of the multi-trial episodes
+      n_rows = self.num_devices * trials.success.shape[1]
+      out["train/success_first_trial"] = self._sum(jnp.sum(trials.success[0])) / n_rows
+      out["train/success_last_trial"] = self._sum(jnp.sum(trials.success[-1])) / n_rows
+      out["train/solved_any_trial"] = self._sum(jnp.sum(trials.solved[-1])) / n_rows
     if mr_window:
       out["train/mr_mean"] = (self._sum(jnp.sum(jnp.where(traj.turn_valid, mr, 0.0)))
                               / jnp.maximum(self._sum(jnp.sum(traj.turn_valid)), 1))

@@ -160,6 +160,14 @@ class Environment(abc.ABC):
     """Environment-specific scalar metrics added to `info` (override)."""
     return {}
 
+  # Reflexion's templated self-reflection (`mtrl_jax.reflexion`); 0 = this env has none.
+  reflection_len: int = 0
+
+  def reflection(self, state: EnvState) -> tuple[jax.Array, jax.Array]:
+    """A short note on a finished, failed episode, built from the environment's own feedback
+    (override with `reflection_len`): (tokens [reflection_len] int32 padded, length [])."""
+    raise NotImplementedError(f"environment {self.name!r} has no templated reflection")
+
   # --- the public, shared part ------------------------------------------------------------
   def reset(self, key: jax.Array, params=None) -> tuple[EnvState, Observation]:
     params = self.default_params if params is None else params

@@ -361,8 +361,7 @@ class Fix(base.Environment):
     every = jnp.concatenate([self.listing(ops, args, jnp.int32(i)) for i in range(L)])
     one = self.listing(ops, args, line)
     n_fail, x, bad_line, got, want, out_got, out_want = self.diagnose(state)
-    fail_line = jnp.stack([self.id("fail"), digit[n_fail], self.id("line"), digit[bad_line + 1],
-                           self.id("got"), digit[got], self.id("want"), digit[want]])
+    fail_line = self._fail_line(n_fail, bad_line, got, want)
     fail_out = jnp.stack([self.id("fail"), digit[n_fail], self.id("in"), digit[x],
                           self.id("got"), digit[out_got], self.id("want"), digit[out_want]])
     fail = jnp.where(params.report_line, fail_line, fail_out)
@@ -447,6 +446,25 @@ class Fix(base.Environment):
                self.view_action(line, closed), self.edit_action(line, ref_op, ref_arg, closed),
                self.edit_action(line, w_op, w_arg, closed)]
     return T.choose_action(choice, options)
+
+  def _fail_line(self, n_fail, line, got, want) -> jax.Array:
+    """`fail n line l got a want e` (line 0-based, shown 1-based): [8] int32."""
+    digit = jnp.asarray(self._digit_ids)
+    return jnp.stack([self.id("fail"), digit[n_fail], self.id("line"), digit[line + 1],
+                      self.id("got"), digit[got], self.id("want"), digit[want]])
+
+  # --- Reflexion ----------------------------------------------------------------------------
+  reflection_len = 8
+
+  def reflection(self, state: FixState):
+    """What `run` reports on the final program (`fail n line l got a want e`, or `pass` if it
+    passes but was not submitted): the environment's feedback on the failed episode.
+    [reflection_len] int32, []."""
+    n_fail, _, line, got, want, _, _ = self.diagnose(state)
+    fail = self._fail_line(n_fail, line, got, want)
+    ok = T.pad_to(jnp.asarray([self.id("pass")], jnp.int32), 8)
+    return (jnp.where(n_fail > 0, fail, ok).astype(jnp.int32),
+            jnp.where(n_fail > 0, 8, 1).astype(jnp.int32))
 
   def extra_info(self, state):
     bugs = jnp.sum((state.ops != state.ref_ops) | (state.args != state.ref_args))

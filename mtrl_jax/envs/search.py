@@ -82,7 +82,8 @@ class SearchState(base.EnvState):
   """rel: [N, R] int32 relation targets; attr: [N, NA] int32 attribute values; chain: [H] int32
   the question's entities x0..x_{H-1}; qrel: [max(H-1, 1)] int32 relations of the chain;
   qattr: [] int32 asked attribute; answer: [] int32 global value index (attr * NV + value);
-  searched: [N] bool entities whose record was returned; answered: [] bool."""
+  searched: [N] bool entities whose record was returned; answered: [] bool; given: [] int32
+  the global value index of the last well-formed answer (-1 if none)."""
 
   rel: jax.Array
   attr: jax.Array
@@ -92,6 +93,7 @@ class SearchState(base.EnvState):
   answer: jax.Array
   searched: jax.Array
   answered: jax.Array
+  given: jax.Array
 
 
 class Search(base.Environment):
@@ -186,7 +188,7 @@ class Search(base.Environment):
     answer = qattr * NV + attr[chain[-1], qattr]
     state = SearchState(**base.initial_counters(), rel=rel, attr=attr, chain=chain, qrel=qrel,
                         qattr=qattr, answer=answer, searched=jnp.zeros((N,), bool),
-                        answered=jnp.bool_(False))
+                        answered=jnp.bool_(False), given=jnp.int32(-1))
     of = self.id("of")
     parts = [jnp.asarray(self._attribute_ids)[qattr]]
     for i in reversed(range(H - 1)):
@@ -241,7 +243,8 @@ class Search(base.Environment):
         num_tool_calls=state.num_tool_calls + known,
         format_errors=state.format_errors + failed,
         searched=searched,
-        answered=state.answered | answered)
+        answered=state.answered | answered,
+        given=jnp.where(answered, value, state.given).astype(jnp.int32))
     return state, obs, reward, answered
 
   def hops_found(self, state: SearchState) -> jax.Array:
@@ -286,3 +289,23 @@ class Search(base.Environment):
 
   def extra_info(self, state):
     return {"answered": state.answered, "hops_found": self.hops_found(state)}
+
+  # --- Reflexion ----------------------------------------------------------------------------
+  @property
+  def reflection_len(self) -> int:
+    return 2 + 3 * (self.hops - 1)
+
+  def reflection(self, state: SearchState):
+    """`<error> v` if the answer v was wrong, then the chain links found, `x_i r_i x_{i+1}`
+    for every hop whose record the agent had read (in chain order): [reflection_len], []."""
+    H = self.hops
+    wrong = state.answered & ~state.success & (state.given >= 0)
+    value = jnp.asarray(self._value_ids)[jnp.clip(state.given, 0, self._value_ids.shape[0] - 1)]
+    head = jnp.stack([jnp.int32(self.id(V.ERROR)), value]).astype(jnp.int32)
+    segments = [(head, jnp.where(wrong, 2, 0))]
+    found = self.hops_found(state)
+    ent, rel = jnp.asarray(self._entity_ids), jnp.asarray(self._relation_ids)
+    for i in range(H - 1):
+      link = jnp.stack([ent[state.chain[i]], rel[state.qrel[i]], ent[state.chain[i + 1]]])
+      segments.append((link.astype(jnp.int32), jnp.where(found > i, 3, 0)))
+    return base.concat_segments(segments, self.reflection_len)

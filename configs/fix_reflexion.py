@@ -1,0 +1,21 @@
+"""Meta-training for Reflexion on fix: PPO with the turn-level critic on episodes of 3 trials of
+the same task, each failed trial's templated reflection (what `run` reports on its final
+program) in the next trial's prompt (`mtrl_jax.reflexion`, up to 3 kept). The context grows by
+the memory (3 x (8 + 2) tokens).
+
+    python -m experiments.train --config configs/fix_reflexion.py --workdir runs/fix_rx \\
+        --config.init_from=runs/fix_sft
+    python -m experiments.reflexion --config configs/fix_reflexion.py --run runs/fix_rx
+"""
+
+from ml_collections import config_dict
+
+from configs import fix_ppo
+
+
+def get_config():
+  config = fix_ppo.get_config()
+  config.rollout.max_len = 200
+  config.reflexion = config_dict.ConfigDict(dict(
+      train_trials=3, memory=3, reflection="template", reflection_len=0))
+  return config

@@ -1,0 +1,335 @@
+"""Reflexion (Shinn et al., 2023): verbal self-reflection in an episodic memory, no weight update.
+
+The loop, for a batch of tasks (one row per task), `trials` times:
+
+    trial n: the actor (any policy `rollout` can run) plays the task with the last `memory`
+             (Omega) reflections of its earlier failed trials in its prompt;
+    evaluator: the environment's binary `success`;
+    self-reflection (rows that failed): a short reflection is added to the row's memory,
+             the oldest dropped beyond Omega.
+
+Everything is static-shape JAX: the trials are a `lax.scan` around the ordinary fused rollout
+(`rollout.rows`, same reset keys every trial: the same task; fresh sample keys per trial), the
+memory is tokens `[B, Omega, L]` carried through the scan and written into each row's prompt
+by the `WithMemory` environment wrapper (per-row env params). A row that has succeeded keeps
+playing (static batch) but its later trials do not change its memory or its score: Reflexion's
+success after trial n is "solved in some trial <= n" (`solved[n]`); `success[n]` is the raw
+per-trial rate. With Omega = 0 the trials are independent retries, so `solved` is pass@n: the
+baseline that memory has to beat.
+
+Prompt with memory (symbol vocabulary; a real chat template gets the same pieces)::
+
+    <bos> <system> reflection 1 <eot> <system> reflection 2 <eot> <user> question <eot> <assistant>
+
+Reflections (`reflection=`):
+* `'template'` (the option for tiny models): built by the environment from its own feedback on
+  the failed trial, `env.reflection(final_state) -> (tokens [env.reflection_len], length)`,
+  e.g. search: `<error> <the wrong answer> x0 r0 x1 ...` (the answer that was wrong and the
+  chain links the agent had found); fix: what `run` reports on the final program.
+* `'policy'`: the policy writes it. The failed trajectory's tokens followed by an instruction
+  (`<user> <error> <eot> <assistant>` by default, `instruction=` to change the content) are
+  the prompt of a one-turn generation of at most `reflection_len` tokens (the rollout's
+  sampling settings), whose tokens (without `<eot>`) become the reflection.
+
+Meta-training (`config.reflexion.train_trials > 1` in `mtrl_jax.train`): every RL step plays
+`train_trials` trials of the same tasks with this loop and trains on all of them, so the policy
+learns to read its memory. `experiments/reflexion.py` evaluates a trained run's policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mtrl_jax import rollout as rollout_lib
+from mtrl_jax import vocab as V
+from mtrl_jax.envs import base
+from mtrl_jax.models import transformer as tf
+from mtrl_jax.types import Trajectory
+
+REFLECTIONS = ("template", "policy")
+
+
+@flax.struct.dataclass
+class MemoryParams:
+  """`WithMemory`'s params. inner: the wrapped environment's params; tokens: [Omega, L] int32
+  reflections, oldest first, each padded; lengths: [Omega] int32 (0 = empty slot)."""
+
+  inner: Any
+  tokens: jax.Array
+  lengths: jax.Array
+
+
+class WithMemory(base.Environment):
+  """`env` with up to `slots` reflections (each <= `reflection_len` tokens) in its prompt.
+
+  Params are `MemoryParams`; everything else (steps, replies, expert, info, vocabulary) is the
+  wrapped environment's. The reflections go right after the prompt's first token (`<bos>`),
+  each as a `<system> ... <eot>` message. Empty memory gives the wrapped environment's prompt exactly (the
+  prompt buffer is longer: `prompt_len = env.prompt_len + slots * (reflection_len + 2)`).
+  """
+
+  def __init__(self, env: base.Environment, slots: int, reflection_len: int):
+    if not isinstance(slots, int) or slots < 0:
+      raise ValueError(f"reflexion.memory must be an integer >= 0, got {slots!r}")
+    if not isinstance(reflection_len, int) or reflection_len < 1:
+      raise ValueError(f"reflexion.reflection_len must be an integer >= 1, got "
+                       f"{reflection_len!r}")
+    for s in (V.SYSTEM, V.BOS):
+      if s not in env.vocab:
+        raise ValueError(f"WithMemory: the vocabulary of {env.name!r} has no {s}")
+    self.env, self.slots, self.reflection_len = env, slots, reflection_len
+    self.vocab = env.vocab
+    self.name = env.name
+    self.empty_idle_actions = bool(getattr(env, "empty_idle_actions", False))
+
+  def symbols(self) -> Sequence[str]:
+    return self.env.symbols()
+
+  @property
+  def default_params(self) -> MemoryParams:
+    return self.empty_memory(self.env.default_params)
+
+  def empty_memory(self, inner) -> MemoryParams:
+    return MemoryParams(inner=inner,
+                        tokens=jnp.zeros((self.slots, self.reflection_len), jnp.int32),
+                        lengths=jnp.zeros((self.slots,), jnp.int32))
+
+  @property
+  def prompt_len(self) -> int:
+    return self.env.prompt_len + self.slots * (self.reflection_len + 2)
+
+  @property
+  def reply_len(self) -> int:
+    return self.env.reply_len
+
+  @property
+  def action_len(self) -> int:
+    return self.env.action_len
+
+  @property
+  def max_turns(self) -> int:
+    return self.env.max_turns
+
+  def reset(self, key, params=None):
+    params = self.default_params if params is None else params
+    state, prompt = self.env.reset(key, params.inner)
+    system, eot = self.id(V.SYSTEM), self.id(V.EOT)
+    segments = [(prompt.tokens[:1], jnp.int32(1))]  # <bos>
+    for i in range(self.slots):
+      n = params.lengths[i]
+      framed = jnp.concatenate([jnp.asarray([system], jnp.int32), params.tokens[i],
+                                jnp.asarray([eot], jnp.int32)])
+      # `<system> r <eot>`: r's tokens, then <eot> right after its length (static shapes).
+      framed = jnp.where(jnp.arange(self.reflection_len + 2) == n + 1, eot, framed)
+      segments.append((framed, jnp.where(n > 0, n + 2, 0)))
+    segments.append((prompt.tokens[1:], prompt.length - 1))
+    tokens, length = base.concat_segments(segments, self.prompt_len)
+    return state, prompt.replace(tokens=tokens, length=length)
+
+  def step(self, key, state, action, params=None):
+    params = self.default_params if params is None else params
+    return self.env.step(key, state, action, params.inner)
+
+  def expert(self, key, state, params):
+    return self.env.expert(key, state, params.inner)
+
+  def info(self, state):
+    return self.env.info(state)
+
+  def reflection(self, state):
+    return self.env.reflection(state)
+
+  # The abstract hooks (unused: reset/step above delegate to the wrapped env's public API).
+  def reset_env(self, key, params):
+    return self.reset(key, params)
+
+  def step_env(self, key, state, action, params):
+    raise NotImplementedError("WithMemory.step delegates to the wrapped environment")
+
+
+def remember(tokens: jax.Array, lengths: jax.Array, new: jax.Array, new_length: jax.Array,
+             write: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Append one reflection per row to its memory (keep the last Omega) where `write`.
+
+  tokens: [B, Omega, L]; lengths: [B, Omega]; new: [B, L'] (L' <= L: padded; longer: cut);
+  new_length: [B]; write: [B] bool. Returns the updated (tokens, lengths).
+  """
+  B, slots, L = tokens.shape
+  if slots == 0:
+    return tokens, lengths
+  new = jnp.asarray(new, jnp.int32)[:, :L]
+  new = jnp.pad(new, ((0, 0), (0, L - new.shape[1])))
+  new_length = jnp.minimum(jnp.asarray(new_length, jnp.int32), L)
+  new = jnp.where(jnp.arange(L) < new_length[:, None], new, V.PAD_ID)
+  shifted = jnp.concatenate([tokens[:, 1:], new[:, None]], axis=1)
+  shifted_len = jnp.concatenate([lengths[:, 1:], new_length[:, None]], axis=1)
+  w = write & (new_length > 0)
+  return (jnp.where(w[:, None, None], shifted, tokens),
+          jnp.where(w[:, None], shifted_len, lengths))
+
+
+@flax.struct.dataclass
+class ReflexionResult:
+  """success, solved: [N, B] bool per trial (this trial / some trial so far); memory: [N, B,
+  Omega, L] int32 and memory_len [N, B, Omega] the memory each trial was played with; trajs:
+  the trials' `Trajectory`, leaves [N, B, ...] (None unless `keep_trajectories`)."""
+
+  success: jax.Array
+  solved: jax.Array
+  memory: jax.Array
+  memory_len: jax.Array
+  trajs: Trajectory | None = None
+
+
+class PromptEnv(base.Environment):
+  """A one-turn environment whose prompt is given in its (per-row) params: the reflection
+  generator. params: `PromptParams(tokens [prompt_len], length [])`."""
+
+  name = "prompt"
+
+  def __init__(self, vocab, prompt_len: int, reply_len: int = 2):
+    self.vocab, self._prompt_len, self._reply_len = vocab, prompt_len, reply_len
+
+  def symbols(self):
+    return ()
+
+  @property
+  def default_params(self):
+    return PromptParams(tokens=jnp.zeros((self._prompt_len,), jnp.int32), length=jnp.int32(1))
+
+  @property
+  def prompt_len(self):
+    return self._prompt_len
+
+  @property
+  def reply_len(self):
+    return self._reply_len
+
+  @property
+  def action_len(self):
+    return 1
+
+  @property
+  def max_turns(self):
+    return 1
+
+  def reset_env(self, key, params):
+    return (base.EnvState(**base.initial_counters()),
+            base.Observation(params.tokens, params.length, jnp.int32(base.ROLE_USER)))
+
+  def step_env(self, key, state, action, params):
+    obs = base.Observation(jnp.zeros((self._reply_len,), jnp.int32), jnp.int32(0),
+                           jnp.int32(base.ROLE_NONE))
+    return state, obs, jnp.float32(0.0), jnp.bool_(True)
+
+  def expert(self, key, state, params):
+    return base.Action(jnp.asarray([self.vocab.eot_id], jnp.int32), jnp.int32(1))
+
+
+@flax.struct.dataclass
+class PromptParams:
+  tokens: jax.Array
+  length: jax.Array
+
+
+def make_reflexion(env: base.Environment, model_config: tf.ModelConfig,
+                   rollout_config: rollout_lib.RolloutConfig, *, trials: int, memory: int,
+                   reflection: str = "template", reflection_len: int | None = None,
+                   instruction: Sequence[str] = (V.ERROR,), keep_trajectories: bool = False
+                   ) -> Callable[..., ReflexionResult]:
+  """Validate and build `run(params, reset_keys [B], sample_keys [B], env_params=None)`.
+
+  `env` is the plain environment (it is wrapped in `WithMemory(env, memory, L)` here; use
+  `.env` of the returned function for the wrapped one). `rollout_config.max_len` must hold the
+  longer prompt. `params` are the policy's Transformer params. Trial n samples with
+  `fold_in(sample_key, n)`; its environment draws the same task from `reset_keys` each trial.
+  L = `reflection_len` (default `env.reflection_len` for templates, 8 for the policy).
+  Returns a `ReflexionResult` (jit it; vmap it over seeds' params).
+  """
+  if not isinstance(trials, int) or trials < 1:
+    raise ValueError(f"reflexion.trials must be an integer >= 1, got {trials!r}")
+  if reflection not in REFLECTIONS:
+    raise ValueError(f"reflexion.reflection={reflection!r}; expected one of {REFLECTIONS}")
+  if reflection == "template":
+    native = getattr(env, "reflection_len", 0)
+    if not native:
+      raise ValueError(f"reflexion.reflection='template': environment {env.name!r} has no "
+                       f"templated reflection (env.reflection); use reflection='policy'")
+    L = native if reflection_len is None else reflection_len
+  else:
+    L = 8 if reflection_len is None else reflection_len
+  wrapped = WithMemory(env, memory, L)
+  try:
+    play = rollout_lib.make_rollout(wrapped, model_config, rollout_config)
+  except ValueError as e:
+    raise ValueError(f"{e} (the prompt holds {memory} reflections of {L} tokens: "
+                     f"prompt_len={wrapped.prompt_len})") from None
+  T = rollout_config.max_len
+  if reflection == "policy" and memory:
+    instr = [env.vocab.id(V.USER), *[env.vocab.id(s) for s in instruction],
+             env.vocab.eot_id, env.vocab.id(V.ASSISTANT)]
+    prompt_env = PromptEnv(env.vocab, T + len(instr))
+    writer = rollout_lib.make_rollout(prompt_env, model_config, dataclasses.replace(
+        rollout_config, max_len=prompt_env.prompt_len + L + 1 + prompt_env.reply_len,
+        turn_budget=L + 1, max_turns=1, think_budget=None, force_expert=False))
+
+  def reflect(params, traj: Trajectory, final_state, keys):
+    """[B, L] reflection tokens and [B] lengths of every row (used only where it failed)."""
+    if reflection == "template":
+      toks, n = jax.vmap(env.reflection)(final_state)
+      return toks, n
+    # Each row's length: up to its last non-pad token (a real tokenizer's id 0 may occur inside).
+    written = jnp.max(jnp.where(traj.tokens != V.PAD_ID, jnp.arange(T) + 1, 0), axis=1)
+    prompt, n = jax.vmap(lambda row, w: base.concat_segments(
+        [(row, w), (jnp.asarray(instr, jnp.int32), len(instr))], T + len(instr)))(
+            traj.tokens, written)
+    out = writer.rows(params, keys, keys, PromptParams(prompt, n), env_params_per_row=True)
+    acts, lens = rollout_lib.turn_actions(out, L + 1)
+    toks, n = acts[:, 0, :L], lens[:, 0]
+    ends = toks[jnp.arange(toks.shape[0]), jnp.clip(n - 1, 0, L - 1)] == env.vocab.eot_id
+    return toks, jnp.minimum(n - ends.astype(jnp.int32), L)
+
+  def run(params, reset_keys, sample_keys, env_params=None) -> ReflexionResult:
+    inner = env.default_params if env_params is None else env_params
+    B = reset_keys.shape[0]
+    mem = jnp.zeros((B, memory, L), jnp.int32)
+    mem_len = jnp.zeros((B, memory), jnp.int32)
+    per_row = jax.tree.map(lambda x: jnp.broadcast_to(x, (B, *jnp.shape(x))), inner)
+
+    def trial(carry, n):
+      mem, mem_len, solved = carry
+      keys = jax.vmap(lambda k: jax.random.fold_in(k, n))(sample_keys)
+      p = MemoryParams(inner=per_row, tokens=mem, lengths=mem_len)
+      traj, final = play.rows(params, reset_keys, keys, p, env_params_per_row=True,
+                              return_env_state=True)
+      success = traj.info["success"].astype(bool)
+      if memory:
+        rkeys = jax.vmap(lambda k: jax.random.fold_in(k, 0x5245))(keys)
+        toks, lens = reflect(params, traj, final, rkeys)
+        new_mem, new_len = remember(mem, mem_len, toks, lens, ~success & ~solved)
+      else:
+        new_mem, new_len = mem, mem_len
+      out = dict(success=success, solved=solved | success, memory=mem, memory_len=mem_len)
+      if keep_trajectories:
+        out["trajs"] = traj
+      return (new_mem, new_len, solved | success), out
+
+    _, out = jax.lax.scan(trial, (mem, mem_len, jnp.zeros((B,), bool)),
+                          jnp.arange(trials, dtype=jnp.int32))
+    return ReflexionResult(**out)
+
+  run.env = wrapped
+  run.rollout = play
+  run.reflection_len = L
+  return run
+
+
+def flatten_trials(trajs: Trajectory) -> Trajectory:
+  """[N, B, ...] trial trajectories -> [N*B, ...] rows (trial-major: a GRPO group of G
+  contiguous rows stays within one trial)."""
+  return jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:])), trajs)

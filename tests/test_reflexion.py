@@ -1,0 +1,297 @@
+"""Reflexion: the memory wrapper, templated reflections, the trial loop against a plain Python
+loop, policy-written reflections, meta-training, and the errors."""
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import config_dict
+
+from mtrl_jax import reflexion as RX
+from mtrl_jax import rollout as R
+from mtrl_jax import train as train_lib
+from mtrl_jax import vocab as V
+from mtrl_jax.envs import registry
+from mtrl_jax.models import transformer as tf
+
+RC = R.RolloutConfig(num_envs=6, group_size=1, max_len=128, turn_budget=12)
+
+
+@functools.lru_cache(maxsize=None)
+def setup(name, **kw):
+  env, env_params = registry.make(name, **kw)
+  cfg = tf.ModelConfig(vocab_size=env.vocab.size, d_model=32, num_layers=1, num_heads=2,
+                       num_kv_heads=1, mlp_dim=64)
+  return env, env_params, cfg, tf.init_params(cfg, jax.random.key(0))
+
+
+def keys(n, seed=0):
+  return R.rollout_keys(jax.random.key(seed), n, 1)
+
+
+def test_empty_memory_is_the_plain_prompt_and_memory_is_framed():
+  env, p, _, _ = setup("search", hops=3)
+  wrapped = RX.WithMemory(env, slots=2, reflection_len=5)
+  assert wrapped.prompt_len == env.prompt_len + 2 * 7
+  k = jax.random.key(3)
+  _, plain = env.reset(k, p)
+  _, empty = wrapped.reset(k, wrapped.empty_memory(p))
+  n = int(plain.length)
+  assert int(empty.length) == n
+  np.testing.assert_array_equal(np.asarray(empty.tokens[:n]), np.asarray(plain.tokens[:n]))
+  assert np.all(np.asarray(empty.tokens[n:]) == V.PAD_ID)
+
+  mem = jnp.asarray([[11, 12, 13, 0, 0], [21, 22, 23, 24, 25]], jnp.int32)
+  params = RX.MemoryParams(inner=p, tokens=mem, lengths=jnp.asarray([3, 5], jnp.int32))
+  _, obs = jax.jit(wrapped.reset)(k, params)
+  voc = env.vocab
+  sysid, eot = voc.id(V.SYSTEM), voc.eot_id
+  want = ([int(plain.tokens[0])] + [sysid, 11, 12, 13, eot] + [sysid, 21, 22, 23, 24, 25, eot]
+          + [int(t) for t in plain.tokens[1:n]])
+  assert int(obs.length) == len(want)
+  assert [int(t) for t in obs.tokens[:len(want)]] == want
+  # One empty slot contributes nothing.
+  params = params.replace(lengths=jnp.asarray([0, 2], jnp.int32))
+  _, obs = wrapped.reset(k, params)
+  want = [int(plain.tokens[0]), sysid, 21, 22, eot] + [int(t) for t in plain.tokens[1:n]]
+  assert [int(t) for t in obs.tokens[:int(obs.length)]] == want
+
+
+def remember_reference(tokens, lengths, new, new_len, write):
+  tokens, lengths = np.array(tokens), np.array(lengths)
+  B, S, L = tokens.shape
+  for b in range(B):
+    n = min(int(new_len[b]), L)
+    if S == 0 or not write[b] or n == 0:
+      continue
+    mem = [list(tokens[b, s, :lengths[b, s]]) for s in range(S)][1:] + [list(new[b, :n])]
+    tokens[b] = 0
+    for s, m in enumerate(mem):
+      tokens[b, s, :len(m)] = m
+      lengths[b, s] = len(m)
+  return tokens, lengths
+
+
+@pytest.mark.parametrize("slots", [0, 1, 3])
+def test_remember_matches_a_python_reference(slots):
+  rng = np.random.default_rng(slots)
+  B, L = 7, 4
+  lengths = rng.integers(0, L + 1, (B, slots))
+  tokens = np.where(np.arange(L) < lengths[..., None], rng.integers(1, 50, (B, slots, L)), 0)
+  new = rng.integers(1, 50, (B, L + 2))             # longer than L: cut
+  new_len = rng.integers(0, L + 3, (B,))
+  write = rng.random(B) < 0.7
+  got = RX.remember(jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(new),
+                    jnp.asarray(new_len), jnp.asarray(write))
+  want = remember_reference(tokens, lengths, new, new_len, write)
+  np.testing.assert_array_equal(np.asarray(got[0]), want[0])
+  np.testing.assert_array_equal(np.asarray(got[1]), want[1])
+
+
+def test_search_reflection_names_the_wrong_answer_and_the_links_found():
+  env, p, _, _ = setup("search", hops=3)
+  k = jax.random.key(5)
+  s, _ = env.reset(k, p)
+  s, *_ = env.step(k, s, env.search_action(s.chain[0]), p)
+  wrong = (s.answer + 1) % (env.num_values * env.num_attributes)
+  s, *_ = env.step(k, s, env.answer_action(wrong), p)
+  assert not bool(s.success)
+  toks, n = env.reflection(s)
+  voc = env.vocab
+  c, r = np.asarray(s.chain), np.asarray(s.qrel)
+  want = ["<error>", env.value_names[int(wrong)], env.entity_names[c[0]],
+          env.relation_names[r[0]], env.entity_names[c[1]]]
+  assert voc.decode(np.asarray(toks[:int(n)])).split() == want
+  assert toks.shape == (env.reflection_len,)
+  # Nothing answered, nothing found: an empty reflection.
+  s0, _ = env.reset(k, p)
+  assert int(env.reflection(s0)[1]) == 0
+
+
+def test_fix_reflection_is_what_run_reports_on_the_final_program():
+  env, p, _, _ = setup("fix")
+  k = jax.random.key(2)
+  s, _ = env.reset(k, p)
+  _, obs, *_ = env.step(k, s, env.call_action(1), p)  # run
+  toks, n = env.reflection(s)
+  reply = np.asarray(obs.tokens[1:int(obs.length) - 2])  # <tool> content <eot> <assistant>
+  np.testing.assert_array_equal(np.asarray(toks[:int(n)]), reply)
+  assert env.vocab.decode(reply).split()[0] == "fail"
+
+
+def reflexion_reference(env, cfg, params, env_params, rc, trials, memory, reset_keys,
+                        sample_keys):
+  """Plain Python loop over trials: rollout per trial, reflection, memory update (the last
+  `memory` reflections, newest in the last slot)."""
+  L = env.reflection_len
+  wrapped = RX.WithMemory(env, memory, L)
+  play = jax.jit(functools.partial(R.make_rollout(wrapped, cfg, rc).rows,
+                                   env_params_per_row=True, return_env_state=True))
+  B = reset_keys.shape[0]
+  mem = [[] for _ in range(B)]
+  solved = np.zeros(B, bool)
+  out = []
+  for n in range(trials):
+    toks = np.zeros((B, memory, L), np.int32)
+    lens = np.zeros((B, memory), np.int32)
+    for b in range(B):  # newest last; empty slots first
+      for j, m in enumerate(mem[b]):
+        slot = memory - len(mem[b]) + j
+        toks[b, slot, :len(m)] = m
+        lens[b, slot] = len(m)
+    per_row = jax.tree.map(lambda x: jnp.broadcast_to(x, (B, *jnp.shape(x))), env_params)
+    ks = jax.vmap(lambda k: jax.random.fold_in(k, n))(sample_keys)
+    traj, final = play(params, reset_keys, ks, RX.MemoryParams(per_row, toks, lens))
+    success = np.asarray(traj.info["success"]).astype(bool)
+    ref_toks, ref_n = jax.vmap(env.reflection)(final)
+    for b in range(B):
+      if not success[b] and not solved[b] and memory and int(ref_n[b]) > 0:
+        mem[b] = (mem[b] + [list(np.asarray(ref_toks[b, :int(ref_n[b])]))])[-memory:]
+    solved |= success
+    out.append((success.copy(), solved.copy(), toks, lens, np.asarray(traj.tokens)))
+  return out
+
+
+def test_trial_loop_matches_a_python_loop(memory=2):
+  # The noisy expert plays (it fails often, and its failures leave reflections to remember).
+  env, env_params, cfg, params = setup("search", hops=2)
+  env_params = env_params.replace(noise=0.7)
+  rc = dataclasses.replace(RC, force_expert=True)
+  reset_keys, sample_keys = keys(8)
+  run = RX.make_reflexion(env, cfg, rc, trials=3, memory=memory, keep_trajectories=True)
+  got = jax.jit(run)(params, reset_keys, sample_keys, env_params)
+  chex.assert_shape(got.success, (3, 8))
+  chex.assert_shape(got.memory, (3, 8, memory, env.reflection_len))
+  want = reflexion_reference(env, cfg, params, env_params, rc, 3, memory, reset_keys,
+                             sample_keys)
+  for n, (success, solved, toks, lens, tokens) in enumerate(want):
+    np.testing.assert_array_equal(np.asarray(got.success[n]), success)
+    np.testing.assert_array_equal(np.asarray(got.solved[n]), solved)
+    np.testing.assert_array_equal(np.asarray(got.memory[n]), toks)
+    np.testing.assert_array_equal(np.asarray(got.memory_len[n]), lens)
+    np.testing.assert_array_equal(np.asarray(got.trajs.tokens[n]), tokens)
+  assert not np.any(np.asarray(got.memory_len[0]))  # the first trial has no memory
+  success = np.asarray(got.success)
+  assert 0 < success.mean() < 1
+  if memory:  # failures were reflected on
+    assert np.any(np.asarray(got.memory_len[1:]) > 0)
+
+
+def test_without_memory_each_trial_is_the_plain_rollout():
+  """Omega = 0: trial n is exactly the ordinary rollout with sample keys fold_in(key, n)."""
+  env, env_params, cfg, params = setup("search", hops=2)
+  reset_keys, sample_keys = keys(6, seed=4)
+  run = RX.make_reflexion(env, cfg, RC, trials=2, memory=0, keep_trajectories=True)
+  got = jax.jit(run)(params, reset_keys, sample_keys, env_params)
+  plain = jax.jit(R.make_rollout(env, cfg, RC).rows)
+  for n in range(2):
+    ks = jax.vmap(lambda k: jax.random.fold_in(k, n))(sample_keys)
+    traj = plain(params, reset_keys, ks, env_params)
+    np.testing.assert_array_equal(np.asarray(got.trajs.tokens[n]), np.asarray(traj.tokens))
+    np.testing.assert_array_equal(np.asarray(got.success[n]),
+                                  np.asarray(traj.info["success"]).astype(bool))
+  np.testing.assert_array_equal(np.asarray(got.solved[1]),
+                                np.asarray(got.success[0] | got.success[1]))
+
+
+def test_per_row_env_params_equal_broadcast_params():
+  """Per-row params reach their own row only: expert noise 1 on row 0, 0 elsewhere, vs noise 0
+  broadcast: rows 1.. are identical (the per-row path equals the broadcast one), row 0 differs."""
+  env, env_params, cfg, params = setup("fix")
+  rc = dataclasses.replace(RC, force_expert=True)
+  play = R.make_rollout(env, cfg, rc)
+  reset_keys, sample_keys = keys(6, seed=1)
+  a = play.rows(params, reset_keys, sample_keys, env_params.replace(noise=0.0))
+  rows_params = jax.tree.map(lambda x: jnp.broadcast_to(x, (6, *jnp.shape(x))), env_params)
+  noisy = rows_params.replace(noise=jnp.asarray([1.0, 0, 0, 0, 0, 0]))
+  c = play.rows(params, reset_keys, sample_keys, noisy, env_params_per_row=True)
+  chex.assert_trees_all_equal(jax.tree.map(lambda x: x[1:], a), jax.tree.map(lambda x: x[1:], c))
+  assert not np.array_equal(np.asarray(c.tokens[0]), np.asarray(a.tokens[0]))
+
+
+def test_policy_written_reflections():
+  env, env_params, cfg, params = setup("calculator")  # no template: the policy writes them
+  L = 6
+  rc = dataclasses.replace(RC, max_len=160)
+  run = RX.make_reflexion(env, cfg, rc, trials=3, memory=1, reflection="policy",
+                          reflection_len=L, keep_trajectories=True)
+  reset_keys, sample_keys = keys(6, seed=2)
+  got = jax.jit(run)(params, reset_keys, sample_keys, env_params)
+  mem, lens = np.asarray(got.memory), np.asarray(got.memory_len)
+  chex.assert_shape(mem, (3, 6, 1, L))
+  assert np.all(lens <= L) and np.any(lens > 0)
+  assert np.all(mem[np.arange(L) >= lens[..., None]] == V.PAD_ID)  # padded after the length
+  assert not np.any((mem == env.vocab.eot_id) & (np.arange(L) < lens[..., None]))
+  failed_first = ~np.asarray(got.success[0])
+  assert np.all(lens[1, :, 0][~failed_first] == 0)  # only failures are reflected on
+  # Deterministic given the keys.
+  again = jax.jit(run)(params, reset_keys, sample_keys, env_params)
+  np.testing.assert_array_equal(np.asarray(again.memory), mem)
+
+
+def test_errors_name_the_setting():
+  env, _, cfg, _ = setup("calculator")
+  with pytest.raises(ValueError, match="reflection='policy'"):
+    RX.make_reflexion(env, cfg, RC, trials=2, memory=1)
+  senv, _, scfg, _ = setup("search", hops=2)
+  with pytest.raises(ValueError, match="trials"):
+    RX.make_reflexion(senv, scfg, RC, trials=0, memory=1)
+  with pytest.raises(ValueError, match="reflection="):
+    RX.make_reflexion(senv, scfg, RC, trials=2, memory=1, reflection="magic")
+  with pytest.raises(ValueError, match="memory"):
+    RX.make_reflexion(senv, scfg, RC, trials=2, memory=-1)
+  with pytest.raises(ValueError, match=r"max_len.*prompt_len"):
+    RX.make_reflexion(senv, scfg, dataclasses.replace(RC, max_len=40), trials=2, memory=3)
+
+
+def meta_config(**reflexion):
+  from configs import search_ppo
+  config = search_ppo.get_config()
+  config.rollout.num_envs = 4
+  config.rollout.max_len = 96
+  config.model.preset = "tiny"
+  config.algo.minibatches = 2
+  config.sft.steps = 0
+  config.train.eval_envs = 4
+  config.reflexion = config_dict.ConfigDict(dict(train_trials=1, memory=1, reflection="template",
+                                                 reflection_len=0))
+  config.reflexion.update(reflexion)
+  return config
+
+
+def test_meta_training_trains_on_every_trial():
+  config = meta_config(train_trials=3, memory=1)
+  config.algo.ent_coef = 0.01
+  trainer = train_lib.make_train(config)
+  assert trainer.reflexion is not None
+  state = trainer.start_rl(trainer.init(jax.random.key(0)))
+  # The update's batch is the 3 trials' 4 episodes each.
+  reset_keys, sample_keys = keys(4)
+  shapes = jax.eval_shape(lambda p: RX.flatten_trials(
+      trainer.reflexion(p, reset_keys, sample_keys, trainer.env_params).trajs),
+      state.params["policy"])
+  assert shapes.tokens.shape == (12, trainer.rollout_config.max_len)
+  new, metrics = jax.jit(trainer.train_step)(state, jax.random.key(1))
+  for k in ("train/success_first_trial", "train/success_last_trial", "train/solved_any_trial"):
+    assert 0.0 <= float(metrics[k]) <= 1.0
+  assert float(metrics["train/solved_any_trial"]) >= float(metrics["train/success_last_trial"])
+  # A real gradient (an untrained policy earns no reward here: the entropy bonus gives one; the
+  # first RL update itself is scaled by the warm-up's lr of 0).
+  assert np.isfinite(float(metrics["train/grad_norm"])) and float(metrics["train/grad_norm"]) > 0
+  assert int(new.step) == 1
+  assert train_lib.make_train(meta_config(train_trials=1)).reflexion is None
+
+
+def test_meta_config_errors():
+  with pytest.raises(ValueError, match="config.reflexion: unknown keys.*'trails'"):
+    train_lib.make_train(meta_config(trails=3))
+  with pytest.raises(ValueError, match="train_trials"):
+    train_lib.make_train(meta_config(train_trials=0))
+  config = meta_config(train_trials=2)
+  config.env = dict(name="calculator")
+  with pytest.raises(ValueError, match="config.reflexion.*reflection='policy'"):
+    train_lib.make_train(config)

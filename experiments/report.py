@@ -277,6 +277,75 @@ def report_retrieval(root):
   return table, {k: v for k, v in curves.items() if "SFT" not in k}
 
 
+REFLEXION_POLICIES = (
+    ("search", "SFT", ("tool_use", "search2_sft")),
+    ("search", "multi-turn RL (PPO, 60 x 32 episodes)", ("tool_use", "search2_ppo")),
+    ("search", "meta-trained (PPO, 20 x 3 trials x 32)", ("reflexion", "search_meta")),
+    ("fix", "SFT", ("fix", "sft")),
+    ("fix", "multi-turn RL (PPO, 60 x 32 episodes)", ("fix", "ppo")),
+    ("fix", "meta-trained (PPO, 20 x 3 trials x 32)", ("reflexion", "fix_meta")),
+)
+
+
+def _reflexion_runs(root):
+  """[(env, policy label, {Omega: {'solved': [seeds][trials], 'success': ...}} or None)]."""
+  out = []
+  for env, label, (exp, name) in REFLEXION_POLICIES:
+    path = os.path.join(R.arm_dir(root, exp, name), "reflexion.json")
+    data = None
+    if os.path.exists(path):
+      with open(path) as f:
+        data = json.load(f)["memory"]
+    out.append((env, label, data))
+  return out
+
+
+def report_reflexion(root):
+  """Success after trial 1 / 3 / 5 (solved in some trial so far) per policy and Omega."""
+  rows = []
+  for env, label, data in _reflexion_runs(root):
+    if data is None:
+      rows.append([env, label, "-", "not run"] + [""] * 4)
+      continue
+    for omega, d in sorted(data.items(), key=lambda kv: int(kv[0])):
+      solved = np.asarray(d["solved"])  # [seeds, trials]
+      at = lambda n: fmt(solved[:, min(n, solved.shape[1]) - 1])
+      gain = solved[:, -1] - np.asarray(data["0"]["solved"])[:, -1] if "0" in data else []
+      rows.append([env, label, omega, str(solved.shape[0]), at(1), at(3), at(5),
+                   fmt(gain) if omega != "0" else "-"])
+  return _table(["env", "policy", "Omega", "seeds", "solved @1", "solved @3", "solved @5",
+                 "@5 vs Omega=0"], rows), {}
+
+
+def plot_reflexion(root, path) -> str | None:
+  """Solved-by-trial curves (mean, 95% band over seeds), one panel per env x policy."""
+  runs = [r for r in _reflexion_runs(root) if r[2] is not None]
+  if not runs:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(runs), figsize=(3.1 * len(runs), 3.2), sharey=True,
+                           squeeze=False)
+  for ax, (env, label, data) in zip(axes[0], runs):
+    for omega, d in sorted(data.items(), key=lambda kv: int(kv[0])):
+      solved = np.asarray(d["solved"])
+      stats = [mean_ci(solved[:, n]) for n in range(solved.shape[1])]
+      m, h = np.asarray([s[0] for s in stats]), np.asarray([s[1] for s in stats])
+      trials = np.arange(1, solved.shape[1] + 1)
+      ax.plot(trials, m, marker="o", label=f"Omega={omega}")
+      ax.fill_between(trials, np.clip(m - h, 0, 1), np.clip(m + h, 0, 1), alpha=0.2)
+    ax.set_title(f"{env}: {label.split(' (')[0]}", fontsize=9)
+    ax.set_xlabel("trial")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("solved in some trial so far")
+  axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 REPORTS = {
     "tool_use": (report_tool_use, "Greedy eval success during RL"),
     "clarify": (report_clarify, "Clarify: greedy eval success"),
@@ -285,6 +354,7 @@ REPORTS = {
     "dapo_ladder": (report_dapo, "Search (3 hops): the DAPO ladder"),
     "fix": (report_fix, "Fix the program: pass rate"),
     "retrieval": (report_retrieval, "Retrieval: greedy eval success (perfect top 10)"),
+    "reflexion": (report_reflexion, "Reflexion: solved by trial", plot_reflexion),
 }
 
 
@@ -321,9 +391,13 @@ def write_report(root: str, docs: str) -> None:
   os.makedirs(docs, exist_ok=True)
   md_path = os.path.join(docs, "RESULTS.md")
   text = open(md_path).read() if os.path.exists(md_path) else ""
-  for name, (fn, title) in REPORTS.items():
+  for name, (fn, title, *custom) in REPORTS.items():
     table, curves = fn(root)
-    png = plot(curves, os.path.join(docs, f"results_{name}.png"), title) if title else None
+    path = os.path.join(docs, f"results_{name}.png")
+    if custom:  # the experiment draws its own figure
+      png = custom[0](root, path)
+    else:
+      png = plot(curves, path, title) if title else None
     body = table + (f"\n\n![{title}](results_{name}.png)" if png else "")
     print(f"## {name}\n\n{body}\n")
     text = update_markdown(text, name, body)

@@ -33,10 +33,11 @@ _DRY = flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.")
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-  """One run: `program` (sft | train | evaluate) on `config` with `overrides`.
+  """One run: `program` (sft | train | evaluate | reflexion) on `config` with `overrides`.
 
   `init_from`: the arm (same experiment unless it contains a '/') whose checkpoint starts this
-  one. For `evaluate` arms, `init_from` is the run evaluated and `out` the JSON file written.
+  one. For `evaluate` and `reflexion` arms, `init_from` is the run evaluated and `out` the JSON
+  file written (in that run's directory).
   """
   name: str
   program: str
@@ -45,6 +46,7 @@ class Arm:
   init_from: str | None = None
   out: str | None = None
   sft_steps: int | None = None  # this warm start's own SFT length (default: --sft_steps)
+  rl_steps: int | None = None  # this RL arm's own length (default: --rl_steps)
 
 
 def _warm_start(name: str, config: str, *overrides: str, sft_steps: int | None = None) -> Arm:
@@ -53,6 +55,14 @@ def _warm_start(name: str, config: str, *overrides: str, sft_steps: int | None =
 
 def _rl(name: str, config: str, sft: str, *overrides: str) -> Arm:
   return Arm(name, "train", config, overrides, init_from=sft)
+
+
+def _rl_steps(name: str, config: str, sft: str, rl_steps: int, *overrides: str) -> Arm:
+  return Arm(name, "train", config, overrides, init_from=sft, rl_steps=rl_steps)
+
+
+def _reflexion(name: str, config: str, policy: str, *overrides: str) -> Arm:
+  return Arm(name, "reflexion", config, overrides, init_from=policy, out="reflexion.json")
 
 
 SEARCH3 = ("--config.env.hops=3", "--config.rollout.max_len=144")
@@ -127,6 +137,19 @@ EXPERIMENTS: dict[str, list[Arm]] = {
         _warm_start("multiturn_sft", "configs/retrieval_multiturn.py", sft_steps=60),
         _rl("multiturn_grpo", "configs/retrieval_multiturn.py", "multiturn_sft"),
     ],
+    # 8. Reflexion (issue 9): success vs trial with Omega in {0, 1, 3} reflections in memory,
+    #    for the SFT policy, the multi-turn RL policy (60 steps x 32 episodes) and a policy
+    #    meta-trained on 3-trial episodes with the same episode budget (20 steps x 3 x 32).
+    "reflexion": [
+        _rl_steps("search_meta", "configs/search_reflexion.py", "tool_use/search2_sft", 20),
+        _reflexion("eval_search_sft", "configs/search_reflexion.py", "tool_use/search2_sft"),
+        _reflexion("eval_search_rl", "configs/search_reflexion.py", "tool_use/search2_ppo"),
+        _reflexion("eval_search_meta", "configs/search_reflexion.py", "search_meta"),
+        _rl_steps("fix_meta", "configs/fix_reflexion.py", "fix/sft", 20),
+        _reflexion("eval_fix_sft", "configs/fix_reflexion.py", "fix/sft"),
+        _reflexion("eval_fix_rl", "configs/fix_reflexion.py", "fix/ppo"),
+        _reflexion("eval_fix_meta", "configs/fix_reflexion.py", "fix_meta"),
+    ],
 }
 
 
@@ -139,11 +162,12 @@ def command(root: str, experiment: str, arm: Arm, *, seeds: int, sft_steps: int,
   """(argv, the file whose existence means the arm is done)."""
   cmd = [sys.executable, "-m", f"experiments.{arm.program}", "--config", arm.config,
          f"--config.train.num_seeds={seeds}"]
-  if arm.program == "evaluate":
+  if arm.program in ("evaluate", "reflexion"):
     source = arm_dir(root, experiment, arm.init_from)
     out = os.path.join(source, arm.out)
     return cmd + ["--run", source, "--out", out, *arm.overrides], out
   workdir = arm_dir(root, experiment, arm.name)
+  rl_steps = rl_steps if arm.rl_steps is None else arm.rl_steps
   if arm.init_from:
     sft_steps = 0
   elif arm.sft_steps is not None:

@@ -94,3 +94,24 @@ def test_sampled_gain_is_last_minus_first_window_per_seed():
   gain = report.sampled_gain(recs, n=10)
   np.testing.assert_allclose(gain, [np.mean(range(20, 30)) - np.mean(range(10)), 0.0])
   assert report.sampled_gain(recs[:15], n=10) == []  # too short for two windows
+
+
+def test_reflexion_report_table_and_plot(tmp_path):
+  root, docs = tmp_path / "runs", tmp_path / "docs"
+  run = root / "tool_use" / "search2_sft"
+  run.mkdir(parents=True)
+  solved0 = [[0.2, 0.3, 0.4, 0.5, 0.5], [0.4, 0.5, 0.6, 0.7, 0.7]]
+  solved1 = [[0.2, 0.4, 0.6, 0.7, 0.8], [0.4, 0.6, 0.7, 0.8, 0.9]]
+  (run / "reflexion.json").write_text(json.dumps({"memory": {
+      "0": {"solved": solved0, "success": solved0}, "1": {"solved": solved1,
+                                                          "success": solved1}}}))
+  table, _ = report.report_reflexion(str(root))
+  rows = [r for r in table.split("\n") if r.startswith("| search | SFT |")]
+  assert len(rows) == 2
+  assert rows[0].startswith(f"| search | SFT | 0 | 2 | {report.fmt([0.2, 0.4])} | "
+                            f"{report.fmt([0.4, 0.6])} | {report.fmt([0.5, 0.7])} | - |")
+  assert rows[1].endswith(f"| {report.fmt([0.8, 0.9])} | {report.fmt([0.3, 0.2])} |")
+  assert "| fix | SFT | - | not run |" in table
+  docs.mkdir()
+  assert report.plot_reflexion(str(root), str(docs / "r.png"))
+  assert (docs / "r.png").stat().st_size > 1000

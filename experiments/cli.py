@@ -81,3 +81,23 @@ def init_from_run(source: str, init, start_rl, seed_keys):
   ckpt.close()
   print(f"initialised from {directory} step {step} ({meta.get('phase')})")
   return template.replace(params=state.params)
+
+
+def trained_run(config, run_dir: str):
+  """(trainer, state, vmap) for evaluating a trained run: the trainer built from `config`
+  (a bad config exits with its error), the params of `run_dir`'s latest checkpoint for each of
+  `config.train.num_seeds` seeds (leading seed axis when > 1), and `vmap`, which maps a function
+  of one seed's params over the seeds (the identity for one seed)."""
+  import jax  # the flag plumbing above does not need JAX
+  from mtrl_jax import train as train_lib
+  try:
+    trainer = train_lib.make_train(config)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  seeds = int(config.train.num_seeds)
+  vmap = (lambda f: jax.vmap(f)) if seeds > 1 else (lambda f: f)
+  seed_keys = jax.random.split(jax.random.key(config.seed), seeds)
+  seed_keys = seed_keys if seeds > 1 else seed_keys[0]
+  state = init_from_run(run_dir, jax.jit(vmap(trainer.init)), jax.jit(vmap(trainer.start_rl)),
+                        seed_keys)
+  return trainer, state, vmap

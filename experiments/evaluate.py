@@ -32,7 +32,6 @@ from absl import app, flags, logging
 
 from experiments import cli
 from mtrl_jax import rollout as rollout_lib
-from mtrl_jax import train as train_lib
 
 _RUN = flags.DEFINE_string("run", None, "Work directory of the trained run to evaluate.")
 _INSTANCES = flags.DEFINE_integer("instances", 64, "Environment instances.")
@@ -59,16 +58,8 @@ def main(argv):
   n, g = int(_INSTANCES.value), int(_SAMPLES.value)
   if n < 1 or g < 2:
     sys.exit(f"error: --instances must be >= 1 and --samples >= 2, got {n} and {g}")
-  try:
-    trainer = train_lib.make_train(config)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  trainer, state, vmap = cli.trained_run(config, _RUN.value)
   seeds = int(config.train.num_seeds)
-  vmap = (lambda f: jax.vmap(f)) if seeds > 1 else (lambda f: f)
-  seed_keys = jax.random.split(jax.random.key(config.seed), seeds)
-  seed_keys = seed_keys if seeds > 1 else seed_keys[0]
-  state = cli.init_from_run(_RUN.value, jax.jit(vmap(trainer.init)),
-                               jax.jit(vmap(trainer.start_rl)), seed_keys)
   try:
     play = rollout_lib.make_rollout(trainer.env, trainer.model_config, dataclasses.replace(
         trainer.rollout_config, num_envs=n, group_size=g, greedy=False))

@@ -29,7 +29,6 @@ from absl import app, flags, logging
 from experiments import cli
 from mtrl_jax import reflexion as reflexion_lib
 from mtrl_jax import rollout as rollout_lib
-from mtrl_jax import train as train_lib
 
 _RUN = flags.DEFINE_string("run", None, "Work directory of the trained run to evaluate.")
 _TRIALS = flags.DEFINE_integer("trials", 5, "Trials per task.")
@@ -53,16 +52,8 @@ def main(argv):
   if n < 1 or trials < 1 or any(m < 0 for m in memories):
     sys.exit(f"error: --instances and --trials must be >= 1 and --memory >= 0, got {n}, "
              f"{trials}, {memories}")
-  try:
-    trainer = train_lib.make_train(config)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  trainer, state, vmap = cli.trained_run(config, _RUN.value)
   seeds = int(config.train.num_seeds)
-  vmap = (lambda f: jax.vmap(f)) if seeds > 1 else (lambda f: f)
-  seed_keys = jax.random.split(jax.random.key(config.seed), seeds)
-  seed_keys = seed_keys if seeds > 1 else seed_keys[0]
-  state = cli.init_from_run(_RUN.value, jax.jit(vmap(trainer.init)),
-                            jax.jit(vmap(trainer.start_rl)), seed_keys)
   reset_keys, sample_keys = rollout_lib.rollout_keys(jax.random.key(config.seed + 5), n, 1)
   rc = dataclasses.replace(trainer.rollout_config, num_envs=n, group_size=1, greedy=False)
   out = {"run": _RUN.value, "env": config.env.to_dict(), "instances": n, "trials": trials,

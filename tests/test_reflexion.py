@@ -295,3 +295,33 @@ def test_meta_config_errors():
   config.env = dict(name="calculator")
   with pytest.raises(ValueError, match="config.reflexion.*reflection='policy'"):
     train_lib.make_train(config)
+
+
+@pytest.mark.slow
+def test_cli_evaluate_and_reflexion_of_a_trained_run(tmp_path):
+  """The two evaluation programs on a 2-seed SFT run, as a user runs them."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  small = ["--config", "configs/search_reflexion.py", "--config.train.num_seeds=2",
+           "--config.rollout.num_envs=4", "--config.train.eval_envs=4",
+           "--config.sft.batch_size=4"]
+  run = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=root, capture_output=True,
+                                  text=True, timeout=900)
+  sft = run("experiments.sft", *small, "--workdir", str(tmp_path / "sft"), "--config.sft.steps=2")
+  assert sft.returncode == 0, sft.stderr[-3000:]
+  ev = run("experiments.evaluate", *small, "--run", str(tmp_path / "sft"), "--instances", "3",
+           "--samples", "2", "--out", str(tmp_path / "eval.json"))
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert len(json.loads((tmp_path / "eval.json").read_text())["per_seed"]) == 2
+  rx = run("experiments.reflexion", *small, "--run", str(tmp_path / "sft"), "--instances", "4",
+           "--trials", "3", "--memory", "0,2", "--out", str(tmp_path / "rx.json"))
+  assert rx.returncode == 0, rx.stderr[-3000:]
+  out = json.loads((tmp_path / "rx.json").read_text())
+  for m in ("0", "2"):
+    solved = np.asarray(out["memory"][m]["solved"])
+    assert solved.shape == (2, 3) and np.all(np.diff(solved, axis=1) >= 0)
+  bad = run("experiments.reflexion", *small, "--run", str(tmp_path / "sft"), "--memory", "x")
+  assert bad.returncode != 0 and "--memory must be" in bad.stderr

@@ -180,12 +180,24 @@ def command(root: str, experiment: str, arm: Arm, *, seeds: int, sft_steps: int,
   return cmd + list(arm.overrides), os.path.join(workdir, "samples.txt")
 
 
+def _source_done(root: str, experiment: str, arm: Arm) -> str | None:
+  """None if the run `arm` starts from (or evaluates) is finished, else that run's name."""
+  if not arm.init_from:
+    return None
+  source = arm_dir(root, experiment, arm.init_from)
+  return None if os.path.exists(os.path.join(source, "samples.txt")) else source
+
+
 def run(experiment: str, root: str, **scale) -> None:
   for arm in EXPERIMENTS[experiment]:
     cmd, done = command(root, experiment, arm, **scale)
     if os.path.exists(done):
       print(f"[{experiment}/{arm.name}] done ({done})")
       continue
+    missing = _source_done(root, experiment, arm)
+    if missing and not _DRY.value:  # never start from a half-trained checkpoint
+      sys.exit(f"error: {experiment}/{arm.name} starts from {missing}, which has not finished "
+               f"(no samples.txt); run its experiment first")
     print(f"[{experiment}/{arm.name}] {' '.join(cmd[1:])}", flush=True)
     if _DRY.value:
       continue

@@ -115,3 +115,15 @@ def test_reflexion_report_table_and_plot(tmp_path):
   docs.mkdir()
   assert report.plot_reflexion(str(root), str(docs / "r.png"))
   assert (docs / "r.png").stat().st_size > 1000
+
+
+def test_an_arm_never_starts_from_an_unfinished_run(tmp_path):
+  arm = R.EXPERIMENTS["masking"][0]  # starts from tool_use/search2_sft
+  assert R._source_done(str(tmp_path), "masking", arm).endswith("search2_sft")
+  sft = tmp_path / "tool_use" / "search2_sft"
+  sft.mkdir(parents=True)
+  (sft / "checkpoints").mkdir()  # a checkpoint alone is not a finished run
+  assert R._source_done(str(tmp_path), "masking", arm) is not None
+  (sft / "samples.txt").write_text("done")
+  assert R._source_done(str(tmp_path), "masking", arm) is None
+  assert R._source_done(str(tmp_path), "tool_use", R.EXPERIMENTS["tool_use"][0]) is None

@@ -23,8 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
                                                closed_frac=0.25))
   # Every arm: same optimizer (Adam + clipping), steps and batch size, from the warm start;
   # `replay` weighs a batch of the warm start's data added to every arm's loss (0 = none).
-  config.train = ml_collections.ConfigDict(dict(steps=150, batch_size=32, lr=1e-3,
-                                                grad_clip=1.0, eval_every=50, replay=1.0,
+  config.train = ml_collections.ConfigDict(dict(steps=40, batch_size=32, lr=1e-3,
+                                                grad_clip=1.0, eval_every=20, replay=1.0,
                                                 arms="cpt,sft,rlag"))
   # RLAG (defaults: the paper's released code, see mtrl_jax/rlag.py).
   config.rlag = ml_collections.ConfigDict(dict(

@@ -11,6 +11,9 @@ RLAG; `mtrl_jax.rlag`) for `config.num_seeds` seeds at once (`jax.vmap` over see
 * prints the table (mean ± 95% t-interval over seeds) and saves the plot, by default
   `docs/results_rlag.png` (`--plot=` to change, empty for none).
 
+`--report_only [--step=S]` trains nothing and rebuilds the table and plot from the metrics of
+an earlier run in the workdir (at its arms' evaluation step S).
+
 Unknown `--config.*` keys are errors naming the key (`experiments.cli.parse_flags`).
 """
 
@@ -30,6 +33,10 @@ from mtrl_jax import rlag
 from mtrl_jax.envs import facts as facts_lib
 
 _PLOT = flags.DEFINE_string("plot", "docs/results_rlag.png", "Where the bar plot goes ('' = none).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Train nothing: rebuild the table and plot "
+                                 "from <workdir>/<arm>/metrics.jsonl.")
+_STEP = flags.DEFINE_integer("step", -1, "With --report_only: the arms' evaluation step to report "
+                             "(-1: the last step every arm reached).")
 flags.mark_flags_as_required(["config"])
 
 COLUMNS = ("direct", "paraphrased", "two_hop", "open_book_direct")
@@ -100,9 +107,41 @@ def plot(final: dict[str, dict[str, list[float]]], path: str, title: str) -> Non
   plt.close(fig)
 
 
+def from_runs(workdir: str, arms, step: int = -1) -> tuple[dict[str, dict[str, list[float]]], int]:
+  """Per-seed final accuracies read back from `<workdir>/<arm>/metrics.jsonl`, at `step` (-1:
+  the last evaluation step every arm reached). Returns ({arm: {'eval/<x>': [seeds]}}, step)."""
+  from experiments.report import per_seed
+  records = {a: metrics_lib.read_metrics(os.path.join(workdir, a, "metrics.jsonl"))
+             for a in ("warm_start", *arms)}
+  evals = {a: {r["step"]: r for r in rs if r.get("eval/direct") is not None}
+           for a, rs in records.items()}
+  if step < 0:
+    step = min(max(evals[a]) for a in arms)
+  missing = [a for a in arms if step not in evals[a]]
+  if missing:
+    raise app.UsageError(f"--step={step}: arms {missing} have no evaluation at that step")
+  keys = [f"eval/{c}" for c in COLUMNS]
+  final = {"warm_start": {k: per_seed(evals["warm_start"][max(evals["warm_start"])], k)
+                          for k in keys}}
+  final.update({a: {k: per_seed(evals[a][step], k) for k in keys} for a in arms})
+  return final, step
+
+
 def main(argv):
   del argv
   config = cli.CONFIG.value
+  if _REPORT_ONLY.value:
+    final, step = from_runs(config.workdir, rlag.parse_arms(config.train.arms), _STEP.value)
+    print(f"closed-book accuracy (%) after {step} steps per arm, "
+          f"{len(final['warm_start']['eval/direct'])} seeds, mean ± 95% CI")
+    print(table(final))
+    if _PLOT.value:
+      plot(final, _PLOT.value,
+           f"Closed-book accuracy after {step} steps per arm, "
+           f"{len(final['warm_start']['eval/direct'])} seeds, 95% CI "
+           f"({config.env.num_entities} entities x {len(facts_lib.PROPERTIES)} facts)")
+      print(f"plot: {_PLOT.value}")
+    return
   try:
     runner = rlag.make_train(config)
   except ValueError as e:

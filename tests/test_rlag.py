@@ -23,7 +23,7 @@ def small_config(**train):
   config.model.update(dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64))
   config.env.num_entities = 6
   config.warm.update(dict(steps=2, batch_size=4))
-  config.train.update(dict(steps=2, eval_every=2, batch_size=4, **train))
+  config.train.update(dict(steps=2, eval_every=2, batch_size=8, lr=1e-2, **train))
   config.num_seeds = 1
   return config
 
@@ -67,10 +67,9 @@ def test_questions_are_answerable_from_the_facts(kind):
   n = {0: 28, 1: 28, 2: 56}[kind]
   assert qs.entity.shape == (n,)
   q = jax.tree.map(jnp.asarray, qs)
-  gold = jax.vmap(lambda q: facts.answer(kb, q))(q)
-  qtok, qlen = jax.vmap(facts.question)(q)
-  aug, _ = jax.vmap(lambda q: facts.prompt(kb, q, True))(q)
-  resp, _ = jax.vmap(lambda q: facts.response(kb, q))(q)
+  render = jax.jit(jax.vmap(lambda q: (facts.answer(kb, q), facts.question(q),
+                                        facts.prompt(kb, q, True), facts.response(kb, q))))
+  gold, (qtok, qlen), (aug, _), (resp, _) = render(q)
   for i in range(n):
     question = words(voc, qtok[i])
     assert len(question) == int(qlen[i])
@@ -158,15 +157,14 @@ def test_evaluate_matches_python_grading_of_greedy_outputs(runner, params_kb):
   params, kb = params_kb
   # A model that has learnt something: a few steps of SFT on the KB's direct questions.
   state = runner.start_arm(params, kb, jax.random.PRNGKey(1))
-  state, _ = jax.jit(lambda s: runner.arm_steps("sft", s, 3))(state)
-  out = jax.jit(runner.evaluate)(state.params, kb)
-  for kind, q in runner.eval_questions.items():
-    d = runner._render(kb, jax.tree.map(jnp.asarray, q))
-    y, _ = runner.greedy_model.generate(state.params, d["closed"], d["closed_len"],
-                                        jax.random.PRNGKey(0), runner.G, greedy=True)
+  state, _ = jax.jit(lambda s: runner.arm_steps("sft", s, 60))(state)
+  out, outputs = jax.jit(lambda p, kb: runner.evaluate(p, kb, with_outputs=True))(
+      state.params, kb)
+  for kind, (y, gold) in outputs.items():
     want = np.mean([python_exact_match(runner.facts.vocab, t, int(g))
-                    for t, g in zip(np.asarray(y), np.asarray(d["gold"]))])
+                    for t, g in zip(np.asarray(y), np.asarray(gold))])
     assert float(out[f"eval/{kind}"]) == pytest.approx(want)
+  assert 0 < float(out["eval/direct"])  # something to grade: a few SFT steps learnt some facts
 
 
 # --- model pieces: masks, generation, rationality ------------------------------------------------
@@ -175,15 +173,17 @@ def test_only_response_tokens_enter_the_loss(runner, params_kb):
   params, kb = params_kb
   d = runner._render(kb, runner.direct_questions(jax.random.PRNGKey(0), 4))
   prompt, plen, resp, rlen = d["aug"], d["aug_len"], d["resp"], d["resp_len"]
-  loss = float(runner.nll(params, prompt, plen, resp, rlen))
+  nll = jax.jit(runner.nll)
+  loss = float(nll(params, prompt, plen, resp, rlen))
   # Reference: each row unpadded, log-softmax of the model at every response token only.
   banned = np.asarray(runner.model.banned)
+  apply = jax.jit(lambda p, s: tf.apply(runner.model.config, p, s)[0])
   total, count = 0.0, 0
   for b in range(4):
     p = np.asarray(prompt[b])[runner.P - int(plen[b]):]
     r = np.asarray(resp[b])[:int(rlen[b])]
     seq = np.concatenate([p, r])[None]
-    logits, _, _ = tf.apply(runner.model.config, params, jnp.asarray(seq))
+    logits = apply(params, jnp.asarray(seq))
     lp = jax.nn.log_softmax(jnp.where(banned, -jnp.inf, logits[0]), axis=-1)
     for j in range(len(r)):
       total += float(lp[len(p) + j - 1, r[j]])
@@ -191,16 +191,17 @@ def test_only_response_tokens_enter_the_loss(runner, params_kb):
   assert loss == pytest.approx(-total / count, rel=1e-4)
   # Tokens after the response's end are not in the loss; prompt padding is not attended to.
   junk = jnp.where(jnp.arange(runner.G)[None] >= rlen[:, None], 7, resp)
-  assert float(runner.nll(params, prompt, plen, junk, rlen)) == pytest.approx(loss, rel=1e-5)
+  assert float(nll(params, prompt, plen, junk, rlen)) == pytest.approx(loss, rel=1e-5)
   pad_junk = jnp.where(jnp.arange(runner.P)[None] < (runner.P - plen)[:, None], 9, prompt)
-  assert float(runner.nll(params, pad_junk, plen, resp, rlen)) == pytest.approx(loss, rel=1e-4)
+  assert float(nll(params, pad_junk, plen, resp, rlen)) == pytest.approx(loss, rel=1e-4)
 
 
 def test_generate_stops_at_eot(runner, params_kb):
   params, kb = params_kb
   d = runner._render(kb, runner.direct_questions(jax.random.PRNGKey(0), 16))
-  y, n = runner.model.generate(params, d["closed"], d["closed_len"], jax.random.PRNGKey(2),
-                               runner.G)
+  y, n = jax.jit(lambda p, c, cl: runner.model.generate(p, c, cl, jax.random.PRNGKey(2),
+                                                         runner.G))(params, d["closed"],
+                                                                    d["closed_len"])
   y, n = np.asarray(y), np.asarray(n)
   eot = runner.facts.vocab.eot_id
   for row, length in zip(y, n):
@@ -218,15 +219,15 @@ def test_rationality_is_the_hand_computed_log_likelihood(runner, params_kb):
   enc = lambda s: np.asarray(voc.encode(s) + [0] * (runner.G - len(s.split())), np.int32)
   responses = np.stack([enc("<think> e1 colour red </think> <answer> blue </answer> <eot>"),
                         enc("<answer> blue </answer> <eot>")])          # no explanation
-  got = np.asarray(runner.rationality(params, d["closed"], d["closed_len"],
-                                      jnp.asarray(responses), gold))
+  got = np.asarray(jax.jit(runner.rationality)(params, d["closed"], d["closed_len"],
+                                               jnp.asarray(responses), gold))
   banned = np.asarray(runner.model.banned)
   probes = [["<think>", "e1", "colour", "red", "</think>", "<answer>"],
             ["<think>", "</think>", "<answer>"]]
   for b in range(2):
     p = list(np.asarray(d["closed"][b])[runner.P - int(d["closed_len"][b]):])
     seq = jnp.asarray([p + voc.ids(probes[b])])
-    logits, _, _ = tf.apply(runner.model.config, params, seq)
+    logits = jax.jit(lambda p, s: tf.apply(runner.model.config, p, s)[0])(params, seq)
     lp = jax.nn.log_softmax(jnp.where(banned, -jnp.inf, logits[0, -1]))
     assert got[b] == pytest.approx(float(lp[int(gold[b])]), abs=1e-5)
 
@@ -273,7 +274,8 @@ def test_rlag_update_moves_the_policy_toward_the_augmented_generation(params_kb)
   config.rlag.clip_rejected = -1e9
   runner = rlag.make_train(config)
   params, kb = params_kb
-  b = runner.rlag_batch(params, kb, jax.random.PRNGKey(4), 8)
+  b = jax.jit(lambda p, kb, k: runner.rlag_batch(p, kb, k, 8))(params, kb,
+                                                                 jax.random.PRNGKey(4))
   b = dict(b, pair=jnp.ones((8,), bool))
   G = runner.G
   mask = lambda n: rlag.lengths_to_mask(n, G)
@@ -282,12 +284,14 @@ def test_rlag_update_moves_the_policy_toward_the_augmented_generation(params_kb)
   ll = lambda p: rlag.mean_logp(runner.model.response_logp(p, b["closed"], b["closed_len"],
                                                            b["yl"]), mask(b["llen"]))
   state = runner.start_arm(params, kb, jax.random.PRNGKey(0))
-  fn = lambda p: runner.rlag_objective(p, b)
-  new, _, m = runner._update(runner.arm_opt, params, state.opt_state, fn)
+  update = jax.jit(lambda p, o, b: runner._update(runner.arm_opt, p, o,
+                                                  lambda q: runner.rlag_objective(q, b)))
+  new, _, m = update(params, state.opt_state, b)
   differs = np.asarray(jnp.any(b["yw"] != b["yl"], axis=1))
   assert differs.sum() >= 4
-  gap_before = np.asarray(lw(params) - ll(params))
-  gap_after = np.asarray(lw(new) - ll(new))
+  gap = jax.jit(lambda p: lw(p) - ll(p))
+  gap_before = np.asarray(gap(params))
+  gap_after = np.asarray(gap(new))
   assert (gap_after - gap_before)[differs].mean() > 0
   assert float(m["loss"]) > 0
 

@@ -26,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(steps=40, batch_size=32, lr=1e-3,
                                                 grad_clip=1.0, eval_every=20, replay=1.0,
                                                 arms="cpt,sft,rlag"))
-  # RLAG (defaults: the paper's released code, see mtrl_jax/rlag.py).
+  # RLAG (weights and clips of the paper's released code; its training config uses gamma=8,
+  # the loss class defaults to 0.1: see mtrl_jax/rlag.py).
   config.rlag = ml_collections.ConfigDict(dict(
       beta_d_pair=0.2, beta_a=0.5,      # knowledge / preference weights when the pair differs
       beta_d_same=0.5,                  # knowledge weight when it does not (beta_a = 0)

@@ -55,7 +55,7 @@ What matches the paper's released code (`RLAGLoss`, `compute_rlag_batch_loss`,
 mean token log-probs and no reference model; the knowledge term I on the context passages; the
 clips (l_w capped at -0.2 so a chosen response stops being pushed once likely; l_l floored at -5
 so a rejected one stops being pushed down); the per-pair weights (beta_D, beta_A) = (0.2, 0.5)
-when the two generations differ and (0.5, 0) when they agree; gamma = 0.1 by default.
+when the two generations differ and (0.5, 0) when they agree.
 
 Where it differs, and why:
 1. The paper samples by scoring the multiple-choice options (it keeps the highest-log-prob
@@ -70,6 +70,10 @@ Where it differs, and why:
    the brief asks for. `rlag.chosen_in_context=True` gives the code's variant.
 4. Rationality enters the pair selection (reward), not the loss, and is the model's own
    p(gold | explanation) rather than the paper's evaluation by a judge.
+5. gamma = 0.1 here, the `RLAGLoss` class default; the released training config
+   (`configs/config.yaml`) passes gamma = 8, which puts z far below 0 so that
+   -log sigmoid(z) ~ -z: every pair's terms get full weight, instead of sigma(-z) ~ 0.5-0.7 here.
+   `--config.rlag.gamma=8` runs that variant (not run for RESULTS.md).
 
 Sampling is a plain full-forward loop (`generate`), not `mtrl_jax.rollout`: questions are one
 turn, prompts are left-padded so every response starts at the same position, and at these

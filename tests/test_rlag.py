@@ -196,18 +196,28 @@ def test_only_response_tokens_enter_the_loss(runner, params_kb):
   assert float(nll(params, pad_junk, plen, resp, rlen)) == pytest.approx(loss, rel=1e-4)
 
 
-def test_generate_stops_at_eot(runner, params_kb):
+@pytest.fixture(scope="module")
+def sampled(params_kb):
+  """One RLAG batch (8 questions) sampled by a runner without the chosen/rejected clips."""
+  config = small_config()
+  config.train.lr = 3e-3
+  config.rlag.clip_chosen = 0.0    # no clip: every pair pushes
+  config.rlag.clip_rejected = -1e9
+  runner = rlag.make_train(config)
   params, kb = params_kb
-  d = runner._render(kb, runner.direct_questions(jax.random.PRNGKey(0), 16))
-  y, n = jax.jit(lambda p, c, cl: runner.model.generate(p, c, cl, jax.random.PRNGKey(2),
-                                                         runner.G))(params, d["closed"],
-                                                                    d["closed_len"])
-  y, n = np.asarray(y), np.asarray(n)
+  b = jax.jit(lambda p, kb, k: runner.rlag_batch(p, kb, k, 8))(params, kb,
+                                                                 jax.random.PRNGKey(4))
+  return runner, b
+
+
+def test_generate_stops_at_eot(sampled):
+  runner, b = sampled
   eot = runner.facts.vocab.eot_id
-  for row, length in zip(y, n):
-    hits = np.nonzero(row == eot)[0]
-    assert length == (hits[0] + 1 if hits.size else runner.G)
-    assert (row[length:] == V.PAD_ID).all() and (row[:length] != V.PAD_ID).all()
+  for y, n in ((b["yw"], b["wlen"]), (b["yl"], b["llen"])):
+    for row, length in zip(np.asarray(y), np.asarray(n)):
+      hits = np.nonzero(row == eot)[0]
+      assert length == (hits[0] + 1 if hits.size else runner.G)
+      assert (row[length:] == V.PAD_ID).all() and (row[:length] != V.PAD_ID).all()
 
 
 def test_rationality_is_the_hand_computed_log_likelihood(runner, params_kb):
@@ -267,15 +277,9 @@ def test_rlag_loss_matches_reference_and_prefers_the_chosen():
   assert (g_w[~active_w] == 0).all() and (g_l[~active_l] == 0).all()
 
 
-def test_rlag_update_moves_the_policy_toward_the_augmented_generation(params_kb):
-  config = small_config()
-  config.train.lr = 3e-3
-  config.rlag.clip_chosen = 0.0    # no clip: every pair pushes
-  config.rlag.clip_rejected = -1e9
-  runner = rlag.make_train(config)
+def test_rlag_update_moves_the_policy_toward_the_augmented_generation(params_kb, sampled):
+  runner, b = sampled
   params, kb = params_kb
-  b = jax.jit(lambda p, kb, k: runner.rlag_batch(p, kb, k, 8))(params, kb,
-                                                                 jax.random.PRNGKey(4))
   b = dict(b, pair=jnp.ones((8,), bool))
   G = runner.G
   mask = lambda n: rlag.lengths_to_mask(n, G)

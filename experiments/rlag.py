@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import cli
+from experiments.report import mean_ci
 from mtrl_jax import metrics as metrics_lib
 from mtrl_jax import rlag
 from mtrl_jax.envs import facts as facts_lib
@@ -42,18 +43,6 @@ flags.mark_flags_as_required(["config"])
 COLUMNS = ("direct", "paraphrased", "two_hop", "open_book_direct")
 LABELS = {"warm_start": "warm start only", "cpt": "continued pre-training",
           "sft": "SFT (QA pairs)", "rlag": "RLAG"}
-
-
-def mean_ci(values) -> tuple[float, float]:
-  """(mean, 95% t half-width) over seeds; `experiments.report.mean_ci` when importable."""
-  try:
-    from experiments.report import mean_ci as report_mean_ci
-    return report_mean_ci(values)
-  except ImportError:  # pragma: no cover - report.py is another engineer's file
-    x = np.asarray(values, np.float64)
-    if x.size < 2:
-      return float(x.mean()), 0.0
-    return float(x.mean()), float(1.96 * x.std(ddof=1) / np.sqrt(x.size))
 
 
 def _per_seed(metrics) -> dict[str, list[float]]:

@@ -88,13 +88,11 @@ seeds (`jax.vmap` over keys, the PureJaxRL idiom).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from mtrl_jax import rollout as rollout_lib

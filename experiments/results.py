@@ -45,6 +45,7 @@ class Arm:
   init_from: str | None = None
   out: str | None = None
   sft_steps: int | None = None  # this warm start's own SFT length (default: --sft_steps)
+  flags: tuple[str, ...] = ()  # program flags other than --config.* (e.g. evaluate's --samples)
 
 
 def _warm_start(name: str, config: str, *overrides: str, sft_steps: int | None = None) -> Arm:
@@ -57,6 +58,33 @@ def _rl(name: str, config: str, sft: str, *overrides: str) -> Arm:
 
 SEARCH3 = ("--config.env.hops=3", "--config.rollout.max_len=144")
 GRPO_SEQ = ("--config.algo.loss_agg=seq_mean_token_mean",)  # the original GRPO aggregation
+
+# 8. Per-turn think budget (issue 9, part 2): configs/search_think.py (3 hops, 192-token context,
+#    demonstrations that think 40 tokens per turn). b = None: no per-turn cap, only the context.
+THINK = "configs/search_think.py"
+THINK_BUDGETS: tuple[tuple[str, int | None], ...] = (
+    ("b0", 0), ("b4", 4), ("b16", 16), ("b64", 64), ("unlimited", None))
+THINK_EVAL = ("--instances=32", "--samples=4")  # 128 sampled episodes per seed
+
+
+def _think(b: int | None) -> tuple[str, ...]:
+  return () if b is None else (f"--config.rollout.think_budget={b}",)
+
+
+def _think_budget_arms() -> list[Arm]:
+  """SFT (at the demonstrations' length), its evaluation under every b, then per b a GRPO run
+  trained with b and its evaluation with the same b."""
+  from configs import search_think
+  arms = [_warm_start("sft", THINK, f"--config.rollout.max_len={search_think.SFT_MAX_LEN}")]
+  arms += [Arm(f"sft_eval_{name}", "evaluate", THINK, ("--config.sft.steps=0", *_think(b)),
+               init_from="sft", out=f"eval_{name}.json", flags=THINK_EVAL)
+           for name, b in THINK_BUDGETS]
+  for name, b in THINK_BUDGETS:
+    arms += [_rl(f"grpo_{name}", THINK, "sft", *_think(b)),
+             Arm(f"grpo_{name}_eval", "evaluate", THINK, ("--config.sft.steps=0", *_think(b)),
+                 init_from=f"grpo_{name}", out="eval.json", flags=THINK_EVAL)]
+  return arms
+
 
 EXPERIMENTS: dict[str, list[Arm]] = {
     # 1. Multi-turn RL improves tool use: SFT only vs SFT + PPO (turn-level critic) vs SFT + GRPO.
@@ -127,6 +155,8 @@ EXPERIMENTS: dict[str, list[Arm]] = {
         _warm_start("multiturn_sft", "configs/retrieval_multiturn.py", sft_steps=60),
         _rl("multiturn_grpo", "configs/retrieval_multiturn.py", "multiturn_sft"),
     ],
+    # 8. Per-turn think budget b vs a fixed total context (see _think_budget_arms).
+    "think_budget": _think_budget_arms(),
 }
 
 
@@ -142,7 +172,7 @@ def command(root: str, experiment: str, arm: Arm, *, seeds: int, sft_steps: int,
   if arm.program == "evaluate":
     source = arm_dir(root, experiment, arm.init_from)
     out = os.path.join(source, arm.out)
-    return cmd + ["--run", source, "--out", out, *arm.overrides], out
+    return cmd + ["--run", source, "--out", out, *arm.flags, *arm.overrides], out
   workdir = arm_dir(root, experiment, arm.name)
   if arm.init_from:
     sft_steps = 0
@@ -153,7 +183,7 @@ def command(root: str, experiment: str, arm: Arm, *, seeds: int, sft_steps: int,
           "--config.train.checkpoint_every=20"]
   if arm.init_from:
     cmd.append(f"--config.init_from={arm_dir(root, experiment, arm.init_from)}")
-  return cmd + list(arm.overrides), os.path.join(workdir, "samples.txt")
+  return cmd + list(arm.flags) + list(arm.overrides), os.path.join(workdir, "samples.txt")
 
 
 def run(experiment: str, root: str, **scale) -> None:

@@ -1,13 +1,15 @@
 """Tables and plots of docs/RESULTS.md from the runs of `python -m experiments.results`:
 
-    python -m experiments.report [--root runs/results] [--docs docs]
+    python -m experiments.report [--root runs/results] [--docs docs] [--only think_budget,...]
 
 For every experiment whose runs exist it computes, per arm, the mean and 95% confidence
 interval over seeds (Student t, n - 1 degrees of freedom) of the final evaluation metrics, writes
 a learning-curve plot `docs/results_<experiment>.png` (greedy eval success vs RL step, mean over
 seeds with the 95% band), and replaces the text between `<!-- report:<experiment> -->` and
 `<!-- /report:<experiment> -->` in `docs/RESULTS.md` with the table. Arms with no runs yet are
-listed as "not run". Nothing is trained here.
+listed as "not run". Nothing is trained here. `--only` limits the update to the named
+experiments (and leaves the compute statement alone): a checkout that holds only some of the
+runs then refreshes its own sections without blanking the others'.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from experiments import results as R
 from mtrl_jax import metrics as metrics_lib
 
 _DOCS = flags.DEFINE_string("docs", "docs", "Where RESULTS.md and the plots are.")
+_ONLY = flags.DEFINE_list("only", [], "Update only these experiments' sections (default: all).")
 
 # Two-sided 95% Student t quantiles by degrees of freedom (1..30); 1.96 beyond.
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -277,6 +280,79 @@ def report_retrieval(root):
   return table, {k: v for k, v in curves.items() if "SFT" not in k}
 
 
+def _eval_json(root, experiment, run, out) -> list[dict] | None:
+  """Per-seed rows of an `experiments.evaluate` output of `run` (None when not run)."""
+  path = os.path.join(R.arm_dir(root, experiment, run), out)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["per_seed"]
+
+
+# (column title, evaluate key, scale) of the think-budget table and plot.
+THINK_METRICS = (("exact match", "success", 1), ("hops completed", "hops_found", 1),
+                 ("out of context", "out_of_context", 1), ("think tokens / turn", "think_tokens", 1))
+
+
+def think_budget_rows(root) -> list[tuple[str, str, list[dict] | None]]:
+  """(b label, phase, per-seed evaluation rows or None) for every b of the experiment: the SFT
+  policy evaluated with b ("eval-time cap"), then GRPO trained and evaluated with b."""
+  out = []
+  for phase in ("eval", "train"):
+    for name, b in R.THINK_BUDGETS:
+      label = "none" if b is None else str(b)
+      rows = (_eval_json(root, "think_budget", "sft", f"eval_{name}.json") if phase == "eval"
+              else _eval_json(root, "think_budget", f"grpo_{name}", "eval.json"))
+      out.append((label, phase, rows))
+  return out
+
+
+def report_think_budget(root):
+  rows = []
+  for label, phase, data in think_budget_rows(root):
+    policy = "SFT, capped at eval" if phase == "eval" else "GRPO, trained with the cap"
+    if data is None:
+      rows.append([label, policy, "not run"] + [""] * len(THINK_METRICS))
+      continue
+    rows.append([label, policy, str(len(data))] +
+                [fmt([r[k] for r in data], scale) for _, k, scale in THINK_METRICS])
+  return _table(["per-turn think budget b", "policy", "seeds"] + [t for t, _, _ in THINK_METRICS],
+                rows), {}
+
+
+def plot_think_budget(root, path: str, title: str) -> str | None:
+  """Exact match, hops completed and out-of-context rate against b (mean, 95% CI over seeds),
+  one line for the eval-time cap on the SFT policy, one for GRPO trained with the cap."""
+  points = {}
+  for label, phase, data in think_budget_rows(root):
+    if data is not None:
+      points.setdefault(phase, []).append((label, data))
+  if not points:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  labels = ["none" if b is None else str(b) for _, b in R.THINK_BUDGETS]
+  fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+  names = {"eval": "SFT policy, cap at eval", "train": "GRPO trained with the cap"}
+  for ax, (metric, key, scale) in zip(axes, THINK_METRICS[:3]):
+    for phase, pts in points.items():
+      x = [labels.index(label) for label, _ in pts]
+      stats = [mean_ci([r[key] * scale for r in data]) for _, data in pts]
+      ax.errorbar(x, [m for m, _ in stats], yerr=[h for _, h in stats], marker="o", capsize=3,
+                  label=names[phase])
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("per-turn think budget b")
+    ax.set_title(metric)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 REPORTS = {
     "tool_use": (report_tool_use, "Greedy eval success during RL"),
     "clarify": (report_clarify, "Clarify: greedy eval success"),
@@ -285,7 +361,11 @@ REPORTS = {
     "dapo_ladder": (report_dapo, "Search (3 hops): the DAPO ladder"),
     "fix": (report_fix, "Fix the program: pass rate"),
     "retrieval": (report_retrieval, "Retrieval: greedy eval success (perfect top 10)"),
+    "think_budget": (report_think_budget,
+                     "Search, 3 hops, 192-token context: per-turn think budget b"),
 }
+# Experiments whose plot is not a learning curve: fn(root, path, title) -> path or None.
+PLOTS = {"think_budget": plot_think_budget}
 
 
 def compute_statement(root) -> str:
@@ -310,11 +390,15 @@ def update_markdown(text: str, name: str, body: str) -> str:
 
 def main(argv):
   del argv
-  write_report(R._ROOT.value, _DOCS.value)
+  unknown = sorted(set(_ONLY.value) - set(REPORTS))
+  if unknown:
+    sys.exit(f"error: --only names unknown experiment(s) {unknown}; choose from {list(REPORTS)}")
+  write_report(R._ROOT.value, _DOCS.value, only=_ONLY.value or None)
 
 
-def write_report(root: str, docs: str) -> None:
-  """Print every table, write the plots, update docs/RESULTS.md between its markers."""
+def write_report(root: str, docs: str, only: list[str] | None = None) -> None:
+  """Print every table (or those of `only`), write the plots, update docs/RESULTS.md between
+  its markers (the compute statement too, unless `only` is given)."""
   if not os.path.isdir(root):
     sys.exit(f"error: --root {root!r} does not exist; run `python -m experiments.results run "
              f"<experiment>` first")
@@ -322,14 +406,21 @@ def write_report(root: str, docs: str) -> None:
   md_path = os.path.join(docs, "RESULTS.md")
   text = open(md_path).read() if os.path.exists(md_path) else ""
   for name, (fn, title) in REPORTS.items():
+    if only is not None and name not in only:
+      continue
     table, curves = fn(root)
-    png = plot(curves, os.path.join(docs, f"results_{name}.png"), title) if title else None
+    path = os.path.join(docs, f"results_{name}.png")
+    if name in PLOTS:
+      png = PLOTS[name](root, path, title)
+    else:
+      png = plot(curves, path, title) if title else None
     body = table + (f"\n\n![{title}](results_{name}.png)" if png else "")
     print(f"## {name}\n\n{body}\n")
     text = update_markdown(text, name, body)
-  compute = compute_statement(root)
-  print(compute)
-  text = update_markdown(text, "compute", compute)
+  if only is None:
+    compute = compute_statement(root)
+    print(compute)
+    text = update_markdown(text, "compute", compute)
   if text:
     with open(md_path, "w") as f:
       f.write(text)

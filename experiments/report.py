@@ -289,63 +289,117 @@ def _eval_json(root, experiment, run, out) -> list[dict] | None:
     return json.load(f)["per_seed"]
 
 
-# (column title, evaluate key, scale) of the think-budget table and plot.
+# (column title, evaluate key, scale) of the think-budget tables.
 THINK_METRICS = (("exact match", "success", 1), ("hops completed", "hops_found", 1),
                  ("out of context", "out_of_context", 1), ("think tokens / turn", "think_tokens", 1))
+# The same from the GRPO runs' greedy in-training evaluations (`eval/truncated`: any budget).
+THINK_GREEDY = (("exact match", "eval/success_rate"), ("hops completed", "eval/hops_found"),
+                ("truncated", "eval/truncated"))
+THINK_PHASES = {  # phase -> legend of the plot
+    "eval": "SFT, cap at eval (sampled)",
+    "train": "GRPO trained with the cap (sampled)",
+    "rl_start": "SFT, cap at eval (greedy)",
+    "rl_end": "GRPO trained with the cap (greedy)",
+}
 
 
-def think_budget_rows(root) -> list[tuple[str, str, list[dict] | None]]:
-  """(b label, phase, per-seed evaluation rows or None) for every b of the experiment: the SFT
-  policy evaluated with b ("eval-time cap"), then GRPO trained and evaluated with b."""
-  out = []
-  for phase in ("eval", "train"):
-    for name, b in R.THINK_BUDGETS:
-      label = "none" if b is None else str(b)
-      rows = (_eval_json(root, "think_budget", "sft", f"eval_{name}.json") if phase == "eval"
-              else _eval_json(root, "think_budget", f"grpo_{name}", "eval.json"))
-      out.append((label, phase, rows))
+def _first_last_eval(recs) -> tuple[dict, dict]:
+  evals = [r for r in recs if r.get("eval/success_rate") is not None]
+  return (evals[0], evals[-1]) if evals else ({}, {})
+
+
+def think_budget_points(root) -> dict[str, list[tuple[str, dict[str, list[float]]]]]:
+  """phase -> [(b label, {metric: per-seed values})] for every b that has data.
+
+  Phases: "eval" (`experiments.evaluate` of the SFT policy with b, sampled), "train" (the same of
+  GRPO trained with b), "rl_start" / "rl_end" (the GRPO run's first / last greedy in-training
+  evaluation: the SFT policy with b, and the policy after RL with b). Metrics use the evaluate
+  keys (`success`, `hops_found`, `out_of_context` or, greedy, `truncated`, `think_tokens`).
+  """
+  out: dict[str, list] = {}
+  for name, b in R.THINK_BUDGETS:
+    label = "none" if b is None else str(b)
+    for phase, run, file in (("eval", "sft", f"eval_{name}.json"),
+                             ("train", f"grpo_{name}", "eval.json")):
+      rows = _eval_json(root, "think_budget", run, file)
+      if rows:
+        out.setdefault(phase, []).append((label, {k: [r[k] for r in rows] for k in rows[0]}))
+    recs = _records(root, "think_budget", f"grpo_{name}")
+    if recs:
+      first, last = _first_last_eval(recs)
+      keys = {"success": "eval/success_rate", "hops_found": "eval/hops_found",
+              "truncated": "eval/truncated", "step": "step"}
+      for phase, rec in (("rl_start", first), ("rl_end", last)):
+        if phase == "rl_end" and rec.get("step", 0) <= first.get("step", 0):
+          continue  # no evaluation after an RL step yet
+        vals = {k: per_seed(rec, v) for k, v in keys.items() if k != "step"}
+        vals["step"] = [rec.get("step", 0)]
+        out.setdefault(phase, []).append((label, vals))
   return out
 
 
 def report_think_budget(root):
+  points = think_budget_points(root)
+  labels = ["none" if b is None else str(b) for _, b in R.THINK_BUDGETS]
+  get = lambda phase, label: dict(points.get(phase, [])).get(label)
   rows = []
-  for label, phase, data in think_budget_rows(root):
-    policy = "SFT, capped at eval" if phase == "eval" else "GRPO, trained with the cap"
-    if data is None:
-      rows.append([label, policy, "not run"] + [""] * len(THINK_METRICS))
+  for phase, policy in (("eval", "SFT, capped at eval"), ("train", "GRPO, trained with the cap")):
+    for label in labels:
+      data = get(phase, label)
+      if data is None:
+        rows.append([label, policy, "not run"] + [""] * len(THINK_METRICS))
+        continue
+      rows.append([label, policy, str(len(data["success"]))] +
+                  [fmt(data[k], scale) for _, k, scale in THINK_METRICS])
+  sampled = _table(["per-turn think budget b", "policy", "seeds"] +
+                   [t for t, _, _ in THINK_METRICS], rows)
+  rows = []
+  for label in labels:
+    start, end = get("rl_start", label), get("rl_end", label)
+    if start is None:
+      rows.append([label, "not run"] + [""] * (2 * len(THINK_GREEDY) + 1))
       continue
-    rows.append([label, policy, str(len(data))] +
-                [fmt([r[k] for r in data], scale) for _, k, scale in THINK_METRICS])
-  return _table(["per-turn think budget b", "policy", "seeds"] + [t for t, _, _ in THINK_METRICS],
-                rows), {}
+    steps = int(end["step"][0] - start["step"][0]) if end else 0
+    rows.append([label, str(len(start["success"])), str(steps)] +
+                [fmt(d[k]) if d else "-" for d in (start, end)
+                 for k in ("success", "hops_found", "truncated")])
+  greedy = _table(["b", "seeds", "RL steps"] +
+                  [f"{t}, {when}" for when in ("SFT", "after GRPO") for t, _ in THINK_GREEDY],
+                  rows)
+  return ("**Sampled evaluation** (`experiments.evaluate`: 32 instances x 4 samples per seed, "
+          f"temperature 1)\n\n{sampled}\n\n**Greedy evaluation during GRPO** (64 fixed "
+          "episodes; SFT = the run's step-0 evaluation, i.e. the SFT policy with the cap; "
+          "truncated = context or turn limit)\n\n" + greedy), {}
 
 
 def plot_think_budget(root, path: str, title: str) -> str | None:
-  """Exact match, hops completed and out-of-context rate against b (mean, 95% CI over seeds),
-  one line for the eval-time cap on the SFT policy, one for GRPO trained with the cap."""
-  points = {}
-  for label, phase, data in think_budget_rows(root):
-    if data is not None:
-      points.setdefault(phase, []).append((label, data))
+  """Exact match, hops completed and truncation against b (mean, 95% CI over seeds), one line
+  per phase (`think_budget_points`)."""
+  points = think_budget_points(root)
   if not points:
     return None
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   labels = ["none" if b is None else str(b) for _, b in R.THINK_BUDGETS]
-  fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
-  names = {"eval": "SFT policy, cap at eval", "train": "GRPO trained with the cap"}
-  for ax, (metric, key, scale) in zip(axes, THINK_METRICS[:3]):
-    for phase, pts in points.items():
-      x = [labels.index(label) for label, _ in pts]
-      stats = [mean_ci([r[key] * scale for r in data]) for _, data in pts]
-      ax.errorbar(x, [m for m, _ in stats], yerr=[h for _, h in stats], marker="o", capsize=3,
-                  label=names[phase])
+  fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+  panels = (("exact match", ("success",)), ("hops completed", ("hops_found",)),
+            ("truncated (sampled: out of context)", ("out_of_context", "truncated")))
+  for ax, (metric, keys) in zip(axes, panels):
+    for i, (phase, legend) in enumerate(THINK_PHASES.items()):
+      pts = [(labels.index(label), next(d[k] for k in keys if k in d))
+             for label, d in points.get(phase, []) if any(k in d for k in keys)]
+      if not pts:
+        continue
+      stats = [mean_ci(v) for _, v in pts]
+      ax.errorbar([x + 0.06 * (i - 1.5) for x, _ in pts], [m for m, _ in stats],
+                  yerr=[h for _, h in stats], marker="o", capsize=3, label=legend,
+                  linestyle="-" if phase in ("eval", "rl_start") else "--")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel("per-turn think budget b")
-    ax.set_title(metric)
+    ax.set_title(metric, fontsize=9)
     ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=7)
+  axes[0].legend(fontsize=6)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -18,6 +18,7 @@ from configs import search_think
 from experiments import evaluate
 from experiments import report
 from experiments import results as R
+from mtrl_jax import metrics as metrics_lib
 from mtrl_jax import rollout as rollout_lib
 from mtrl_jax import train as train_lib
 from mtrl_jax import types
@@ -263,6 +264,17 @@ def test_think_budget_table_and_plot(tmp_path):
                      "think_tokens": 4.0} for i in range(3)]
   _fake_eval(root / "think_budget" / "sft" / "eval_b16.json", rows(0.2))
   _fake_eval(root / "think_budget" / "grpo_b0" / "eval.json", rows(0.6))
+  w = metrics_lib.MetricsWriter(str(root / "think_budget" / "grpo_unlimited"))
+  for step, succ in ((0, [0.1, 0.3]), (5, [0.0, 0.0]), (10, [0.5, 0.9])):
+    rec = {}
+    for key, vals in (("eval/success_rate", succ), ("eval/hops_found", [2.0, 2.0]),
+                      ("eval/truncated", [1.0, 0.5])):
+      rec.update({f"{key}/seed{i}": v for i, v in enumerate(vals)}, **{key: float(np.mean(vals))})
+    w.write(step, rec if step != 5 else {"train/loss": 1.0})
+  w.close()
+  w = metrics_lib.MetricsWriter(str(root / "think_budget" / "grpo_b4"))  # only the step-0 eval
+  w.write(0, {"eval/success_rate": 0.25, "eval/hops_found": 1.0, "eval/truncated": 0.0})
+  w.close()
   docs.mkdir()
   (docs / "RESULTS.md").write_text("a\n<!-- report:tool_use -->\nkept\n<!-- /report:tool_use -->\n"
                                    "<!-- report:think_budget -->\nold\n"
@@ -280,6 +292,14 @@ def test_think_budget_table_and_plot(tmp_path):
   assert f"| 0 | GRPO, trained with the cap | 3 | {m:.2f} ± {h:.2f} |" in text
   assert "| none | SFT, capped at eval | not run |" in text
   assert "| 4 | GRPO, trained with the cap | not run |" in text
+  # Greedy in-training evaluations: the first (the SFT policy with the cap) and the last.
+  m0, h0 = report.mean_ci([0.1, 0.3])
+  m1, h1 = report.mean_ci([0.5, 0.9])
+  t1 = report.mean_ci([1.0, 0.5])
+  assert (f"| none | 2 | 10 | {m0:.2f} ± {h0:.2f} | 2.00 ± 0.00 | {t1[0]:.2f} ± {t1[1]:.2f} | "
+          f"{m1:.2f} ± {h1:.2f} | 2.00 ± 0.00 |") in text
+  assert "| 64 | not run |" in text
+  assert "| 4 | 1 | 0 | 0.25 ± 0.00 | 1.00 ± 0.00 | 0.00 ± 0.00 | - | - | - |" in text
   assert "![Search, 3 hops" in text
   assert (docs / "results_think_budget.png").stat().st_size > 1000
 
@@ -292,4 +312,4 @@ def test_full_report_with_no_runs_does_not_fail(tmp_path):
                                                 "<!-- /report:think_budget -->\n")
   report.write_report(str(tmp_path / "runs"), str(tmp_path / "docs"))
   text = (tmp_path / "docs" / "RESULTS.md").read_text()
-  assert text.count("not run") == 2 * len(R.THINK_BUDGETS) and "![" not in text
+  assert text.count("not run") == 3 * len(R.THINK_BUDGETS) and "![" not in text

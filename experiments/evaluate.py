@@ -13,7 +13,9 @@ al., 2025), with each episode scored 100 * success:
 * `U90_10` per instance 90th minus 10th percentile, averaged (unreliability),
 
 plus the mean of every numeric `info` entry of the environment (`num_asks`, `first_turn_ask`,
-`num_tool_calls`, ...). Environment overrides evaluate the same policy on a variant, e.g. the
+`num_tool_calls`, `hops_found`, ...), `turns`, `out_of_context` (the rollout truncated the
+episode for lack of context, not at the turn limit) and `think_tokens` (agent tokens inside a
+`<think>` block per turn; 0 when the vocabulary has none). Environment overrides evaluate the same policy on a variant, e.g. the
 fully specified clarify task: `--config.env.fully_specified=True`. Prints one JSON object and
 writes it to `--out` (default `DIR/eval.json`).
 """
@@ -32,6 +34,7 @@ from absl import app, flags, logging
 
 from experiments import cli
 from mtrl_jax import rollout as rollout_lib
+from mtrl_jax import vocab as V
 
 _RUN = flags.DEFINE_string("run", None, "Work directory of the trained run to evaluate.")
 _INSTANCES = flags.DEFINE_integer("instances", 64, "Environment instances.")
@@ -49,6 +52,21 @@ def reliability(scores: np.ndarray) -> dict[str, float]:
   p10 = np.percentile(scores, 10, axis=1)
   return {"P": float(scores.mean()), "A90": float(p90.mean()),
           "U90_10": float((p90 - p10).mean())}
+
+
+def think_tokens(traj, vocab) -> jax.Array:
+  """[B] float32: agent-turn tokens strictly inside a `<think> ... </think>` block (a block
+  left open ends with its turn). 0 when the vocabulary has no `<think>`."""
+  if V.THINK_OPEN not in vocab:
+    return jnp.zeros(traj.tokens.shape[:1], jnp.float32)
+  tok, agent = traj.tokens, traj.turn >= 0
+  idx = jnp.broadcast_to(jnp.arange(tok.shape[1]), tok.shape)
+  is_open = agent & (tok == vocab.id(V.THINK_OPEN))
+  is_close = agent & (tok == vocab.id(V.THINK_CLOSE))
+  last_open = jax.lax.cummax(jnp.where(is_open, idx, -1), axis=1)
+  last_open = jnp.pad(last_open, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]   # before t
+  last_end = jax.lax.cummax(jnp.where(is_close | ~agent, idx, -1), axis=1)        # up to t
+  return jnp.sum(agent & (last_open > last_end), axis=1).astype(jnp.float32)
 
 
 def main(argv):
@@ -70,6 +88,8 @@ def main(argv):
     traj = play(params["policy"], jax.random.key(config.seed + 3), trainer.env_params)
     info = {k: v.astype(jnp.float32) for k, v in traj.info.items() if v.ndim == 1}
     info["turns"] = jnp.sum(traj.turn_valid, axis=1).astype(jnp.float32)
+    info["out_of_context"] = (traj.truncated & ~traj.info["truncated"]).astype(jnp.float32)
+    info["think_tokens"] = think_tokens(traj, trainer.env.vocab) / jnp.maximum(info["turns"], 1)
     return info
 
   info = jax.device_get(jax.jit(vmap(episodes))(state.params))

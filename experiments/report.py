@@ -1,13 +1,15 @@
 """Tables and plots of docs/RESULTS.md from the runs of `python -m experiments.results`:
 
-    python -m experiments.report [--root runs/results] [--docs docs]
+    python -m experiments.report [--root runs/results] [--docs docs] [--only think_budget,...]
 
 For every experiment whose runs exist it computes, per arm, the mean and 95% confidence
 interval over seeds (Student t, n - 1 degrees of freedom) of the final evaluation metrics, writes
 a learning-curve plot `docs/results_<experiment>.png` (greedy eval success vs RL step, mean over
 seeds with the 95% band), and replaces the text between `<!-- report:<experiment> -->` and
 `<!-- /report:<experiment> -->` in `docs/RESULTS.md` with the table. Arms with no runs yet are
-listed as "not run". Nothing is trained here.
+listed as "not run". Nothing is trained here. `--only` limits the update to the named
+experiments (and leaves the compute statement alone): a checkout that holds only some of the
+runs then refreshes its own sections without blanking the others'.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from experiments import results as R
 from mtrl_jax import metrics as metrics_lib
 
 _DOCS = flags.DEFINE_string("docs", "docs", "Where RESULTS.md and the plots are.")
+_ONLY = flags.DEFINE_list("only", [], "Update only these experiments' sections (default: all).")
 
 # Two-sided 95% Student t quantiles by degrees of freedom (1..30); 1.96 beyond.
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -277,6 +280,133 @@ def report_retrieval(root):
   return table, {k: v for k, v in curves.items() if "SFT" not in k}
 
 
+def _eval_json(root, experiment, run, out) -> list[dict] | None:
+  """Per-seed rows of an `experiments.evaluate` output of `run` (None when not run)."""
+  path = os.path.join(R.arm_dir(root, experiment, run), out)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["per_seed"]
+
+
+# (column title, evaluate key, scale) of the think-budget tables.
+THINK_METRICS = (("exact match", "success", 1), ("hops completed", "hops_found", 1),
+                 ("out of context", "out_of_context", 1), ("think tokens / turn", "think_tokens", 1))
+# The same from the GRPO runs' greedy in-training evaluations (`eval/truncated`: any budget).
+THINK_GREEDY = (("exact match", "eval/success_rate"), ("hops completed", "eval/hops_found"),
+                ("truncated", "eval/truncated"))
+THINK_PHASES = {  # phase -> legend of the plot
+    "eval": "SFT, cap at eval (sampled)",
+    "train": "GRPO trained with the cap (sampled)",
+    "rl_start": "SFT, cap at eval (greedy)",
+    "rl_end": "GRPO trained with the cap (greedy)",
+}
+
+
+def _first_last_eval(recs) -> tuple[dict, dict]:
+  evals = [r for r in recs if r.get("eval/success_rate") is not None]
+  return (evals[0], evals[-1]) if evals else ({}, {})
+
+
+def think_budget_points(root) -> dict[str, list[tuple[str, dict[str, list[float]]]]]:
+  """phase -> [(b label, {metric: per-seed values})] for every b that has data.
+
+  Phases: "eval" (`experiments.evaluate` of the SFT policy with b, sampled), "train" (the same of
+  GRPO trained with b), "rl_start" / "rl_end" (the GRPO run's first / last greedy in-training
+  evaluation: the SFT policy with b, and the policy after RL with b). Metrics use the evaluate
+  keys (`success`, `hops_found`, `out_of_context` or, greedy, `truncated`, `think_tokens`).
+  """
+  out: dict[str, list] = {}
+  for name, b in R.THINK_BUDGETS:
+    label = "none" if b is None else str(b)
+    for phase, run, file in (("eval", "sft", f"eval_{name}.json"),
+                             ("train", f"grpo_{name}", "eval.json")):
+      rows = _eval_json(root, "think_budget", run, file)
+      if rows:
+        out.setdefault(phase, []).append((label, {k: [r[k] for r in rows] for k in rows[0]}))
+    recs = _records(root, "think_budget", f"grpo_{name}")
+    if recs:
+      first, last = _first_last_eval(recs)
+      keys = {"success": "eval/success_rate", "hops_found": "eval/hops_found",
+              "truncated": "eval/truncated", "step": "step"}
+      for phase, rec in (("rl_start", first), ("rl_end", last)):
+        if phase == "rl_end" and rec.get("step", 0) <= first.get("step", 0):
+          continue  # no evaluation after an RL step yet
+        vals = {k: per_seed(rec, v) for k, v in keys.items() if k != "step"}
+        vals["step"] = [rec.get("step", 0)]
+        out.setdefault(phase, []).append((label, vals))
+  return out
+
+
+def report_think_budget(root):
+  points = think_budget_points(root)
+  labels = ["none" if b is None else str(b) for _, b in R.THINK_BUDGETS]
+  get = lambda phase, label: dict(points.get(phase, [])).get(label)
+  rows = []
+  for phase, policy in (("eval", "SFT, capped at eval"), ("train", "GRPO, trained with the cap")):
+    for label in labels:
+      data = get(phase, label)
+      if data is None:
+        rows.append([label, policy, "not run"] + [""] * len(THINK_METRICS))
+        continue
+      rows.append([label, policy, str(len(data["success"]))] +
+                  [fmt(data[k], scale) for _, k, scale in THINK_METRICS])
+  sampled = _table(["per-turn think budget b", "policy", "seeds"] +
+                   [t for t, _, _ in THINK_METRICS], rows)
+  rows = []
+  for label in labels:
+    start, end = get("rl_start", label), get("rl_end", label)
+    if start is None:
+      rows.append([label, "not run"] + [""] * (2 * len(THINK_GREEDY) + 1))
+      continue
+    steps = int(end["step"][0] - start["step"][0]) if end else 0
+    rows.append([label, str(len(start["success"])), str(steps)] +
+                [fmt(d[k]) if d else "-" for d in (start, end)
+                 for k in ("success", "hops_found", "truncated")])
+  greedy = _table(["b", "seeds", "RL steps"] +
+                  [f"{t}, {when}" for when in ("SFT", "after GRPO") for t, _ in THINK_GREEDY],
+                  rows)
+  return ("**Sampled evaluation** (`experiments.evaluate`: 32 instances x 4 samples per seed, "
+          f"temperature 1)\n\n{sampled}\n\n**Greedy evaluation during GRPO** (64 fixed "
+          "episodes; SFT = the run's step-0 evaluation, i.e. the SFT policy with the cap; "
+          "truncated = context or turn limit)\n\n" + greedy), {}
+
+
+def plot_think_budget(root, path: str, title: str) -> str | None:
+  """Exact match, hops completed and truncation against b (mean, 95% CI over seeds), one line
+  per phase (`think_budget_points`)."""
+  points = think_budget_points(root)
+  if not points:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  labels = ["none" if b is None else str(b) for _, b in R.THINK_BUDGETS]
+  fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+  panels = (("exact match", ("success",)), ("hops completed", ("hops_found",)),
+            ("truncated (sampled: out of context)", ("out_of_context", "truncated")))
+  for ax, (metric, keys) in zip(axes, panels):
+    for i, (phase, legend) in enumerate(THINK_PHASES.items()):
+      pts = [(labels.index(label), next(d[k] for k in keys if k in d))
+             for label, d in points.get(phase, []) if any(k in d for k in keys)]
+      if not pts:
+        continue
+      stats = [mean_ci(v) for _, v in pts]
+      ax.errorbar([x + 0.06 * (i - 1.5) for x, _ in pts], [m for m, _ in stats],
+                  yerr=[h for _, h in stats], marker="o", capsize=3, label=legend,
+                  linestyle="-" if phase in ("eval", "rl_start") else "--")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("per-turn think budget b")
+    ax.set_title(metric, fontsize=9)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=6)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 REFLEXION_POLICIES = (
     ("search", "SFT", ("tool_use", "search2_sft")),
     ("search", "multi-turn RL (PPO, 60 x 32 episodes)", ("tool_use", "search2_ppo")),
@@ -317,7 +447,7 @@ def report_reflexion(root):
                  "@5 vs Omega=0"], rows), {}
 
 
-def plot_reflexion(root, path) -> str | None:
+def plot_reflexion(root, path: str, title: str) -> str | None:
   """Solved-by-trial curves (mean, 95% band over seeds), one panel per env x policy."""
   runs = [r for r in _reflexion_runs(root) if r[2] is not None]
   if not runs:
@@ -340,6 +470,7 @@ def plot_reflexion(root, path) -> str | None:
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("solved in some trial so far")
   axes[0][0].legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -354,8 +485,12 @@ REPORTS = {
     "dapo_ladder": (report_dapo, "Search (3 hops): the DAPO ladder"),
     "fix": (report_fix, "Fix the program: pass rate"),
     "retrieval": (report_retrieval, "Retrieval: greedy eval success (perfect top 10)"),
-    "reflexion": (report_reflexion, "Reflexion: solved by trial", plot_reflexion),
+    "think_budget": (report_think_budget,
+                     "Search, 3 hops, 192-token context: per-turn think budget b"),
+    "reflexion": (report_reflexion, "Reflexion: solved by trial"),
 }
+# Experiments whose plot is not a learning curve: fn(root, path, title) -> path or None.
+PLOTS = {"think_budget": plot_think_budget, "reflexion": plot_reflexion}
 
 
 def compute_statement(root) -> str:
@@ -380,30 +515,37 @@ def update_markdown(text: str, name: str, body: str) -> str:
 
 def main(argv):
   del argv
-  write_report(R._ROOT.value, _DOCS.value)
+  unknown = sorted(set(_ONLY.value) - set(REPORTS))
+  if unknown:
+    sys.exit(f"error: --only names unknown experiment(s) {unknown}; choose from {list(REPORTS)}")
+  write_report(R._ROOT.value, _DOCS.value, only=_ONLY.value or None)
 
 
-def write_report(root: str, docs: str) -> None:
-  """Print every table, write the plots, update docs/RESULTS.md between its markers."""
+def write_report(root: str, docs: str, only: list[str] | None = None) -> None:
+  """Print every table (or those of `only`), write the plots, update docs/RESULTS.md between
+  its markers (the compute statement too, unless `only` is given)."""
   if not os.path.isdir(root):
     sys.exit(f"error: --root {root!r} does not exist; run `python -m experiments.results run "
              f"<experiment>` first")
   os.makedirs(docs, exist_ok=True)
   md_path = os.path.join(docs, "RESULTS.md")
   text = open(md_path).read() if os.path.exists(md_path) else ""
-  for name, (fn, title, *custom) in REPORTS.items():
+  for name, (fn, title) in REPORTS.items():
+    if only is not None and name not in only:
+      continue
     table, curves = fn(root)
     path = os.path.join(docs, f"results_{name}.png")
-    if custom:  # the experiment draws its own figure
-      png = custom[0](root, path)
+    if name in PLOTS:
+      png = PLOTS[name](root, path, title)
     else:
       png = plot(curves, path, title) if title else None
     body = table + (f"\n\n![{title}](results_{name}.png)" if png else "")
     print(f"## {name}\n\n{body}\n")
     text = update_markdown(text, name, body)
-  compute = compute_statement(root)
-  print(compute)
-  text = update_markdown(text, "compute", compute)
+  if only is None:
+    compute = compute_statement(root)
+    print(compute)
+    text = update_markdown(text, "compute", compute)
   if text:
     with open(md_path, "w") as f:
       f.write(text)

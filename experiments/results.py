@@ -47,6 +47,7 @@ class Arm:
   out: str | None = None
   sft_steps: int | None = None  # this warm start's own SFT length (default: --sft_steps)
   rl_steps: int | None = None  # this RL arm's own length (default: --rl_steps)
+  flags: tuple[str, ...] = ()  # program flags other than --config.* (e.g. evaluate's --samples)
 
 
 def _warm_start(name: str, config: str, *overrides: str, sft_steps: int | None = None) -> Arm:
@@ -67,6 +68,33 @@ def _reflexion(name: str, config: str, policy: str, *overrides: str) -> Arm:
 
 SEARCH3 = ("--config.env.hops=3", "--config.rollout.max_len=144")
 GRPO_SEQ = ("--config.algo.loss_agg=seq_mean_token_mean",)  # the original GRPO aggregation
+
+# 8. Per-turn think budget (issue 9, part 2): configs/search_think.py (3 hops, 192-token context,
+#    demonstrations that think 40 tokens per turn). b = None: no per-turn cap, only the context.
+THINK = "configs/search_think.py"
+THINK_BUDGETS: tuple[tuple[str, int | None], ...] = (
+    ("b0", 0), ("b4", 4), ("b16", 16), ("b64", 64), ("unlimited", None))
+THINK_EVAL = ("--instances=32", "--samples=4")  # 128 sampled episodes per seed
+
+
+def _think(b: int | None) -> tuple[str, ...]:
+  return () if b is None else (f"--config.rollout.think_budget={b}",)
+
+
+def _think_budget_arms() -> list[Arm]:
+  """SFT (at the demonstrations' length), its evaluation under every b, then per b a GRPO run
+  trained with b and its evaluation with the same b."""
+  from configs import search_think
+  arms = [_warm_start("sft", THINK, f"--config.rollout.max_len={search_think.SFT_MAX_LEN}")]
+  arms += [Arm(f"sft_eval_{name}", "evaluate", THINK, ("--config.sft.steps=0", *_think(b)),
+               init_from="sft", out=f"eval_{name}.json", flags=THINK_EVAL)
+           for name, b in THINK_BUDGETS]
+  for name, b in THINK_BUDGETS:
+    arms += [_rl(f"grpo_{name}", THINK, "sft", *_think(b)),
+             Arm(f"grpo_{name}_eval", "evaluate", THINK, ("--config.sft.steps=0", *_think(b)),
+                 init_from=f"grpo_{name}", out="eval.json", flags=THINK_EVAL)]
+  return arms
+
 
 EXPERIMENTS: dict[str, list[Arm]] = {
     # 1. Multi-turn RL improves tool use: SFT only vs SFT + PPO (turn-level critic) vs SFT + GRPO.
@@ -137,7 +165,9 @@ EXPERIMENTS: dict[str, list[Arm]] = {
         _warm_start("multiturn_sft", "configs/retrieval_multiturn.py", sft_steps=60),
         _rl("multiturn_grpo", "configs/retrieval_multiturn.py", "multiturn_sft"),
     ],
-    # 8. Reflexion (issue 9): success vs trial with Omega in {0, 1, 3} reflections in memory,
+    # 8. Per-turn think budget b vs a fixed total context (see _think_budget_arms).
+    "think_budget": _think_budget_arms(),
+    # 10. Reflexion (issue 9): success vs trial with Omega in {0, 1, 3} reflections in memory,
     #    for the SFT policy, the multi-turn RL policy (60 steps x 32 episodes) and a policy
     #    meta-trained on 3-trial episodes with the same episode budget (20 steps x 3 x 32).
     "reflexion": [
@@ -165,7 +195,7 @@ def command(root: str, experiment: str, arm: Arm, *, seeds: int, sft_steps: int,
   if arm.program in ("evaluate", "reflexion"):
     source = arm_dir(root, experiment, arm.init_from)
     out = os.path.join(source, arm.out)
-    return cmd + ["--run", source, "--out", out, *arm.overrides], out
+    return cmd + ["--run", source, "--out", out, *arm.flags, *arm.overrides], out
   workdir = arm_dir(root, experiment, arm.name)
   rl_steps = rl_steps if arm.rl_steps is None else arm.rl_steps
   if arm.init_from:
@@ -177,7 +207,7 @@ def command(root: str, experiment: str, arm: Arm, *, seeds: int, sft_steps: int,
           "--config.train.checkpoint_every=20"]
   if arm.init_from:
     cmd.append(f"--config.init_from={arm_dir(root, experiment, arm.init_from)}")
-  return cmd + list(arm.overrides), os.path.join(workdir, "samples.txt")
+  return cmd + list(arm.flags) + list(arm.overrides), os.path.join(workdir, "samples.txt")
 
 
 def _source_done(root: str, experiment: str, arm: Arm) -> str | None:

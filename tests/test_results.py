@@ -113,7 +113,7 @@ def test_reflexion_report_table_and_plot(tmp_path):
   assert rows[1].endswith(f"| {report.fmt([0.8, 0.9])} | {report.fmt([0.3, 0.2])} |")
   assert "| fix | SFT | - | not run |" in table
   docs.mkdir()
-  assert report.plot_reflexion(str(root), str(docs / "r.png"))
+  assert report.plot_reflexion(str(root), str(docs / "r.png"), "title")
   assert (docs / "r.png").stat().st_size > 1000
 
 

@@ -49,8 +49,22 @@ searched (a random value if none); *typo* - search a wrong entity (uniform among
 *unclosed* - forget `</call>` (error reply, retries). Once it knows the answer its only mistake
 is forgetting `</answer>`.
 
+Verbose thinking (`think_len = N > 0`, default 0 = none). Every expert turn then starts with a
+think block of exactly N content tokens, `<think> c_1 .. c_N </think>`, before its call or answer
+(the turn grammar skips a leading think block, so the environment's answers are unchanged). The
+content is plausible reasoning from the env's own symbols: the question restated, then for each
+chain entity found so far its step of the chain (`e3 sister e7`; for the last one `e2 colour
+blue`), cycled to fill N tokens::
+
+    N = 12, found 1:  <think> colour of pet of sister of e3 ? e3 sister e7 colour of </think>
+
+It carries no information the context does not already hold; it only costs context, which is the
+point (issue 9: the per-turn think budget of the rollout vs a fixed total context). The expert's
+mistakes and their probabilities are the same as without it (same random bits).
+`action_len = 5 + (N + 2 if N else 0)`.
+
 Knobs (constructor, static): `hops`, `num_entities`, `num_relations`, `num_attributes`,
-`num_values`, `max_turns`. EnvParams (dynamic): `noise`, `format_penalty`.
+`num_values`, `max_turns`, `think_len`. EnvParams (dynamic): `noise`, `format_penalty`.
 """
 
 from __future__ import annotations
@@ -75,6 +89,7 @@ ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 SearchParams = base.EnvParams
+_BODY_LEN = 5  # tokens of the longest call / answer: <call> search e3 </call> <eot>
 
 
 @flax.struct.dataclass
@@ -104,7 +119,7 @@ class Search(base.Environment):
 
   def __init__(self, hops: int = 2, num_entities: int = 10, num_relations: int = 4,
                num_attributes: int = 2, num_values: int = 8, max_turns: int | None = None,
-               vocab: V.Vocab | None = None):
+               think_len: int = 0, vocab: V.Vocab | None = None):
     if not 1 <= hops <= 8:
       raise ValueError(f"hops must be in [1, 8], got {hops}")
     if num_entities < hops + 1:
@@ -119,12 +134,16 @@ class Search(base.Environment):
     max_values = min(len(v) for _, v in ATTRIBUTES)
     if not 2 <= num_values <= max_values:
       raise ValueError(f"num_values must be in [2, {max_values}], got {num_values}")
+    if not isinstance(think_len, (int, np.integer)) or not 0 <= think_len <= 1000:
+      raise ValueError(f"think_len must be an integer in [0, 1000] (content tokens of the "
+                       f"expert's think block; 0 = no think block), got {think_len!r}")
     max_turns = hops + 2 if max_turns is None else max_turns
     if max_turns < hops + 1:
       raise ValueError(f"max_turns={max_turns} must be >= hops + 1 = {hops + 1} (one search per "
                        f"hop, then the answer)")
     self.hops, self.num_entities, self.num_relations = hops, num_entities, num_relations
     self.num_attributes, self.num_values, self._max_turns = num_attributes, num_values, max_turns
+    self.think_len = int(think_len)
     self.entity_names = tuple(f"e{i}" for i in range(num_entities))
     self.relation_names = RELATIONS[:num_relations]
     self.attribute_names = tuple(a for a, _ in ATTRIBUTES[:num_attributes])
@@ -163,7 +182,8 @@ class Search(base.Environment):
 
   @property
   def action_len(self) -> int:
-    return 5  # <call> search e3 </call> <eot>  (an answer is 4)
+    # <call> search e3 </call> <eot>  (an answer is 4), after the expert's think block if any.
+    return _BODY_LEN + (self.think_len + 2 if self.think_len else 0)
 
   @property
   def max_turns(self) -> int:
@@ -256,16 +276,17 @@ class Search(base.Environment):
     ids = lambda *s: jnp.asarray(self.vocab.ids(s), jnp.int32)
     tail = ids(close_tag, V.EOT) if closed else ids(V.EOT)
     toks = jnp.concatenate([ids(open_tag), body, tail])
-    return base.Action(T.pad_to(toks, self.action_len), jnp.int32(toks.shape[0]))
+    return base.Action(T.pad_to(toks, _BODY_LEN), jnp.int32(toks.shape[0]))
 
   def search_action(self, entity: jax.Array, closed: bool = True) -> base.Action:
-    """`<call> search <name> </call> <eot>`; entity: [] int32 index. tokens: [action_len]."""
+    """`<call> search <name> </call> <eot>`; entity: [] int32 index. tokens: [5] (no think
+    block; the expert adds it, see `think_tokens`)."""
     body = jnp.stack([jnp.int32(self._search), jnp.asarray(self._entity_ids)[entity]])
     return self._tagged(V.CALL_OPEN, body, V.CALL_CLOSE, closed)
 
   def answer_action(self, value: jax.Array, closed: bool = True) -> base.Action:
     """`<answer> <value> </answer> <eot>`; value: [] int32 global value index
-    (attribute * num_values + value). tokens: [action_len]."""
+    (attribute * num_values + value). tokens: [5] (no think block)."""
     body = jnp.asarray(self._value_ids)[value][None]
     return self._tagged(V.ANSWER_OPEN, body, V.ANSWER_CLOSE, closed)
 
@@ -285,7 +306,38 @@ class Search(base.Environment):
                self.search_action(wrong), self.search_action(target, closed=False),  # 3, 4
                self.answer_action(state.answer, closed=False)]                     # 5
     index = jnp.where(found >= H, jnp.where(mistake, 5, 1), jnp.where(mistake, 2 + kind, 0))
-    return T.choose_action(index, options)
+    action = T.choose_action(index, options)
+    if not self.think_len:
+      return action
+    think = self.think_tokens(state)
+    ids = lambda *s: jnp.asarray(self.vocab.ids(s), jnp.int32)
+    tokens = jnp.concatenate([ids(V.THINK_OPEN), think, ids(V.THINK_CLOSE), action.tokens])
+    return base.Action(tokens, action.length + self.think_len + 2)
+
+  def think_tokens(self, state: SearchState) -> jax.Array:
+    """The expert's think content, [think_len] int32 (module docstring): the question, then
+    `x_i rel_i x_{i+1}` for each found chain entity (`x_{h-1} attr value` for the last), cycled."""
+    H = self.hops
+    of, q = self.id("of"), self.id("?")
+    ent, rel_ids = jnp.asarray(self._entity_ids), jnp.asarray(self._relation_ids)
+    question = [jnp.asarray(self._attribute_ids)[state.qattr]]
+    for i in reversed(range(H - 1)):
+      question += [of, rel_ids[state.qrel[i]]]
+    question += [of, ent[state.chain[0]], q]
+    steps = []
+    for i in range(H):
+      if i < H - 1:
+        steps += [ent[state.chain[i]], rel_ids[state.qrel[i]], ent[state.chain[i + 1]]]
+      else:
+        steps += [ent[state.chain[i]], jnp.asarray(self._attribute_ids)[state.qattr],
+                  jnp.asarray(self._value_ids)[state.answer]]
+    stream = jnp.stack([jnp.asarray(t, jnp.int32) for t in question + steps])       # [L]
+    found = self.hops_found(state)
+    known = jnp.concatenate([jnp.ones((len(question),), bool),
+                             jnp.repeat(jnp.arange(H) < found, 3)])                # [L]
+    order = jnp.argsort(~known, stable=True)          # known tokens first, in their order
+    n = jnp.sum(known)
+    return stream[order][jnp.arange(self.think_len) % n].astype(jnp.int32)
 
   def extra_info(self, state):
     return {"answered": state.answered, "hops_found": self.hops_found(state)}

@@ -8,14 +8,9 @@ the memory (3 x (8 + 2) tokens).
     python -m experiments.reflexion --config configs/fix_reflexion.py --run runs/fix_rx
 """
 
-from ml_collections import config_dict
-
 from configs import fix_ppo
+from configs.search_reflexion import with_meta_training
 
 
 def get_config():
-  config = fix_ppo.get_config()
-  config.rollout.max_len = 200
-  config.reflexion = config_dict.ConfigDict(dict(
-      train_trials=3, memory=3, reflection="template", reflection_len=0))
-  return config
+  return with_meta_training(fix_ppo.get_config(), max_len=200)

@@ -13,9 +13,14 @@ from ml_collections import config_dict
 from configs import search_ppo
 
 
-def get_config():
-  config = search_ppo.get_config()
-  config.rollout.max_len = 152
+def with_meta_training(config, max_len: int):
+  """`config` meta-trained on 3-trial episodes keeping up to 3 templated reflections, in a
+  context of `max_len` tokens (the episode's budget plus the memory's)."""
+  config.rollout.max_len = max_len
   config.reflexion = config_dict.ConfigDict(dict(
       train_trials=3, memory=3, reflection="template", reflection_len=0))
   return config
+
+
+def get_config():
+  return with_meta_training(search_ppo.get_config(), max_len=152)

@@ -191,6 +191,18 @@ def test_every_config_builds(name):
     with pytest.raises(ValueError, match="config.model.checkpoint"):
       train_lib.make_train(config)
     return
+  if name == "rlag":  # its own program (experiments/rlag.py), not a Trainer config
+    from mtrl_jax import rlag
+    rlag.make_train(config)
+    return
+  if name == "search_think":  # two phases, as its docstring runs them: SFT at the
+    #  demonstrations' length, RL and evaluation in the fixed 192-token context
+    with pytest.raises(ValueError, match="rollout.max_len=192 cannot hold an expert episode"):
+      train_lib.make_train(config)
+    sft = importlib.import_module("configs.search_think").get_config()
+    sft.rollout.max_len = importlib.import_module("configs.search_think").SFT_MAX_LEN
+    train_lib.make_train(sft)
+    config.sft.steps = 0
   tr = train_lib.make_train(config)
   assert tr.rollout_config.batch_size % config.algo.minibatches == 0
 

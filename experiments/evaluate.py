@@ -15,8 +15,9 @@ al., 2025), with each episode scored 100 * success:
 plus the mean of every numeric `info` entry of the environment (`num_asks`, `first_turn_ask`,
 `num_tool_calls`, `hops_found`, ...), `turns`, `out_of_context` (the rollout truncated the
 episode for lack of context, not at the turn limit) and `think_tokens` (agent tokens inside a
-`<think>` block per turn; 0 when the vocabulary has none). Environment overrides evaluate the same policy on a variant, e.g. the
-fully specified clarify task: `--config.env.fully_specified=True`. Prints one JSON object and
+`<think>` block per turn; 0 when the vocabulary has none). Environment overrides evaluate the
+same policy on a variant, e.g. the fully specified clarify task:
+`--config.env.fully_specified=True`. Prints one JSON object and
 writes it to `--out` (default `DIR/eval.json`).
 """
 

@@ -309,9 +309,14 @@ def make_reflexion(env: base.Environment, model_config: tf.ModelConfig,
                               return_env_state=True)
       success = traj.info["success"].astype(bool)
       if memory:
-        rkeys = jax.vmap(lambda k: jax.random.fold_in(k, 0x5245))(keys)
-        toks, lens = reflect(params, traj, final, rkeys)
-        new_mem, new_len = remember(mem, mem_len, toks, lens, ~success & ~solved)
+        def write(_):
+          rkeys = jax.vmap(lambda k: jax.random.fold_in(k, 0x5245))(keys)
+          toks, lens = reflect(params, traj, final, rkeys)
+          return remember(mem, mem_len, toks, lens, ~success & ~solved)
+        # No trial reads the last trial's reflection: skip it (with reflection='policy' it is a
+        # whole generation). `n` is the scan counter, unbatched even under a vmap over seeds,
+        # so this stays a real branch.
+        new_mem, new_len = jax.lax.cond(n < trials - 1, write, lambda _: (mem, mem_len), None)
       else:
         new_mem, new_len = mem, mem_len
       out = dict(success=success, solved=solved | success, memory=mem, memory_len=mem_len)

@@ -20,6 +20,11 @@ Supervised warm start: a demonstration row must hold the longest expert episode,
 no learned positions: the same params run at 192). Everything after SFT - evaluation and RL -
 uses the fixed 192.
 
+The 2-hop variant (`experiments.results` experiment `think_budget_2hop`, a task the tiny model
+learns better): `--config.env.hops=2 --config.rollout.max_len=160`, SFT at 278 (10 + 4 turns *
+67). Thinking like the demonstrations, both searches fit (10 + 2 * 67 = 144) but the answer turn
+does not (+ 51 > 160); with a cap b the clean episode is 65 + 3b tokens (b = 16: 113).
+
 `rollout.think_budget` is an int placeholder (None = no per-turn cap, only the total context):
 a plain `None` field could not be set from the command line (ml_collections refuses to override
 a None-typed field), so `--config.rollout.think_budget=16` works here but not on configs whose

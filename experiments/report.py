@@ -14,6 +14,7 @@ runs then refreshes its own sections without blanking the others'.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -308,7 +309,8 @@ def _first_last_eval(recs) -> tuple[dict, dict]:
   return (evals[0], evals[-1]) if evals else ({}, {})
 
 
-def think_budget_points(root) -> dict[str, list[tuple[str, dict[str, list[float]]]]]:
+def think_budget_points(root, experiment: str = "think_budget"
+                        ) -> dict[str, list[tuple[str, dict[str, list[float]]]]]:
   """phase -> [(b label, {metric: per-seed values})] for every b that has data.
 
   Phases: "eval" (`experiments.evaluate` of the SFT policy with b, sampled), "train" (the same of
@@ -321,10 +323,10 @@ def think_budget_points(root) -> dict[str, list[tuple[str, dict[str, list[float]
     label = "none" if b is None else str(b)
     for phase, run, file in (("eval", "sft", f"eval_{name}.json"),
                              ("train", f"grpo_{name}", "eval.json")):
-      rows = _eval_json(root, "think_budget", run, file)
+      rows = _eval_json(root, experiment, run, file)
       if rows:
         out.setdefault(phase, []).append((label, {k: [r[k] for r in rows] for k in rows[0]}))
-    recs = _records(root, "think_budget", f"grpo_{name}")
+    recs = _records(root, experiment, f"grpo_{name}")
     if recs:
       first, last = _first_last_eval(recs)
       keys = {"success": "eval/success_rate", "hops_found": "eval/hops_found",
@@ -338,8 +340,8 @@ def think_budget_points(root) -> dict[str, list[tuple[str, dict[str, list[float]
   return out
 
 
-def report_think_budget(root):
-  points = think_budget_points(root)
+def report_think_budget(root, experiment: str = "think_budget"):
+  points = think_budget_points(root, experiment)
   labels = ["none" if b is None else str(b) for _, b in R.THINK_BUDGETS]
   get = lambda phase, label: dict(points.get(phase, [])).get(label)
   rows = []
@@ -372,10 +374,11 @@ def report_think_budget(root):
           "truncated = context or turn limit)\n\n" + greedy), {}
 
 
-def plot_think_budget(root, path: str, title: str) -> str | None:
+def plot_think_budget(root, path: str, title: str, experiment: str = "think_budget"
+                      ) -> str | None:
   """Exact match, hops completed and truncation against b (mean, 95% CI over seeds), one line
   per phase (`think_budget_points`)."""
-  points = think_budget_points(root)
+  points = think_budget_points(root, experiment)
   if not points:
     return None
   import matplotlib
@@ -487,10 +490,14 @@ REPORTS = {
     "retrieval": (report_retrieval, "Retrieval: greedy eval success (perfect top 10)"),
     "think_budget": (report_think_budget,
                      "Search, 3 hops, 192-token context: per-turn think budget b"),
+    "think_budget_2hop": (functools.partial(report_think_budget, experiment="think_budget_2hop"),
+                          "Search, 2 hops, 160-token context: per-turn think budget b"),
     "reflexion": (report_reflexion, "Reflexion: solved by trial"),
 }
 # Experiments whose plot is not a learning curve: fn(root, path, title) -> path or None.
-PLOTS = {"think_budget": plot_think_budget, "reflexion": plot_reflexion}
+PLOTS = {"think_budget": plot_think_budget,
+         "think_budget_2hop": functools.partial(plot_think_budget, experiment="think_budget_2hop"),
+         "reflexion": plot_reflexion}
 
 
 def compute_statement(root) -> str:

@@ -232,23 +232,33 @@ def test_think_tokens_metric_matches_a_plain_count(cap):
 
 # --- the experiment: arms, table, plot ---------------------------------------------------------
 
-def test_think_budget_arms():
-  arms = {a.name: a for a in R.EXPERIMENTS["think_budget"]}
+@pytest.mark.parametrize("experiment,hops,context", [("think_budget", 3, None),
+                                                      ("think_budget_2hop", 2, 160)])
+def test_think_budget_arms(experiment, hops, context):
+  arms = {a.name: a for a in R.EXPERIMENTS[experiment]}
   sft = arms["sft"]
-  assert sft.program == "sft" and f"--config.rollout.max_len={search_think.SFT_MAX_LEN}" in \
-      sft.overrides
+  # The SFT row holds exactly the longest demonstration of the experiment's task.
+  env, _ = registry.make("search", hops=hops, think_len=search_think.THINK_LEN)
+  sft_len = [int(o.split("=")[1]) for o in sft.overrides if "max_len" in o]
+  assert sft.program == "sft" and len(sft_len) == 1
+  assert demos.required_len(env) <= sft_len[0] <= demos.required_len(env) + 1
+  ctx = [] if context is None else [f"--config.rollout.max_len={context}"]
+  hop = [] if hops == 3 else [f"--config.env.hops={hops}"]
+  assert [o for o in sft.overrides if "hops" in o] == hop
   for name, b in R.THINK_BUDGETS:
     want = () if b is None else (f"--config.rollout.think_budget={b}",)
     ev, rl, rl_ev = arms[f"sft_eval_{name}"], arms[f"grpo_{name}"], arms[f"grpo_{name}_eval"]
     assert ev.program == rl_ev.program == "evaluate" and rl.program == "train"
     assert ev.init_from == rl.init_from == "sft" and rl_ev.init_from == f"grpo_{name}"
-    for arm in (ev, rl, rl_ev):  # same total context everywhere: no max_len override
+    for arm in (ev, rl, rl_ev):  # the same total context (and task) everywhere
       assert [o for o in arm.overrides if "think_budget" in o] == list(want)
-      assert not any("max_len" in o for o in arm.overrides)
-    cmd, done = R.command("runs/results", "think_budget", rl_ev, seeds=5, sft_steps=200,
+      assert [o for o in arm.overrides if "max_len" in o] == ctx
+      assert [o for o in arm.overrides if "hops" in o] == hop
+    cmd, done = R.command("runs/results", experiment, rl_ev, seeds=5, sft_steps=200,
                           rl_steps=60)
-    assert "--samples=4" in cmd and "--instances=32" in cmd and done.endswith(f"grpo_{name}/eval.json")
-    cmd, _ = R.command("runs/results", "think_budget", rl, seeds=5, sft_steps=200, rl_steps=60)
+    assert "--samples=4" in cmd and "--instances=32" in cmd
+    assert done.endswith(f"{experiment}/grpo_{name}/eval.json")
+    cmd, _ = R.command("runs/results", experiment, rl, seeds=5, sft_steps=200, rl_steps=60)
     assert "--config.sft.steps=0" in cmd and "--config.train.steps=60" in cmd
   assert [b for _, b in R.THINK_BUDGETS] == [0, 4, 16, 64, None]
 
@@ -258,13 +268,15 @@ def _fake_eval(path, rows):
   path.write_text(json.dumps({"per_seed": rows}))
 
 
-def test_think_budget_table_and_plot(tmp_path):
+@pytest.mark.parametrize("experiment,title", [("think_budget", "Search, 3 hops"),
+                                              ("think_budget_2hop", "Search, 2 hops")])
+def test_think_budget_table_and_plot(tmp_path, experiment, title):
   root, docs = tmp_path / "runs", tmp_path / "docs"
   rows = lambda s: [{"success": s + 0.1 * i, "hops_found": 2.0 + i, "out_of_context": 0.5,
                      "think_tokens": 4.0} for i in range(3)]
-  _fake_eval(root / "think_budget" / "sft" / "eval_b16.json", rows(0.2))
-  _fake_eval(root / "think_budget" / "grpo_b0" / "eval.json", rows(0.6))
-  w = metrics_lib.MetricsWriter(str(root / "think_budget" / "grpo_unlimited"))
+  _fake_eval(root / experiment / "sft" / "eval_b16.json", rows(0.2))
+  _fake_eval(root / experiment / "grpo_b0" / "eval.json", rows(0.6))
+  w = metrics_lib.MetricsWriter(str(root / experiment / "grpo_unlimited"))
   for step, succ in ((0, [0.1, 0.3]), (5, [0.0, 0.0]), (10, [0.5, 0.9])):
     rec = {}
     for key, vals in (("eval/success_rate", succ), ("eval/hops_found", [2.0, 2.0]),
@@ -272,15 +284,15 @@ def test_think_budget_table_and_plot(tmp_path):
       rec.update({f"{key}/seed{i}": v for i, v in enumerate(vals)}, **{key: float(np.mean(vals))})
     w.write(step, rec if step != 5 else {"train/loss": 1.0})
   w.close()
-  w = metrics_lib.MetricsWriter(str(root / "think_budget" / "grpo_b4"))  # only the step-0 eval
+  w = metrics_lib.MetricsWriter(str(root / experiment / "grpo_b4"))  # only the step-0 eval
   w.write(0, {"eval/success_rate": 0.25, "eval/hops_found": 1.0, "eval/truncated": 0.0})
   w.close()
   docs.mkdir()
   (docs / "RESULTS.md").write_text("a\n<!-- report:tool_use -->\nkept\n<!-- /report:tool_use -->\n"
-                                   "<!-- report:think_budget -->\nold\n"
-                                   "<!-- /report:think_budget -->\n<!-- report:compute -->\n"
+                                   f"<!-- report:{experiment} -->\nold\n"
+                                   f"<!-- /report:{experiment} -->\n<!-- report:compute -->\n"
                                    "kept too\n<!-- /report:compute -->\nz\n")
-  report.write_report(str(root), str(docs), only=["think_budget"])
+  report.write_report(str(root), str(docs), only=[experiment])
   text = (docs / "RESULTS.md").read_text()
   assert "old" not in text and text.startswith("a\n") and text.endswith("z\n")
   assert "\nkept\n" in text and "\nkept too\n" in text   # --only leaves the rest alone
@@ -300,8 +312,8 @@ def test_think_budget_table_and_plot(tmp_path):
           f"{m1:.2f} ± {h1:.2f} | 2.00 ± 0.00 |") in text
   assert "| 64 | not run |" in text
   assert "| 4 | 1 | 0 | 0.25 ± 0.00 | 1.00 ± 0.00 | 0.00 ± 0.00 | - | - | - |" in text
-  assert "![Search, 3 hops" in text
-  assert (docs / "results_think_budget.png").stat().st_size > 1000
+  assert f"![{title}" in text
+  assert (docs / f"results_{experiment}.png").stat().st_size > 1000
 
 
 def test_full_report_with_no_runs_does_not_fail(tmp_path):

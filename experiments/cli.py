@@ -83,11 +83,15 @@ def init_from_run(source: str, init, start_rl, seed_keys):
   return template.replace(params=state.params)
 
 
-def trained_run(config, run_dir: str):
+def trained_run(config, run_dir: str | None):
   """(trainer, state, vmap) for evaluating a trained run: the trainer built from `config`
   (a bad config exits with its error), the params of `run_dir`'s latest checkpoint for each of
   `config.train.num_seeds` seeds (leading seed axis when > 1), and `vmap`, which maps a function
-  of one seed's params over the seeds (the identity for one seed)."""
+  of one seed's params over the seeds (the identity for one seed).
+
+  `run_dir=None`: the config's initial params instead (`trainer.init`): a Hugging Face
+  checkpoint as loaded (`model.preset="hf"`); for the package's own models, an untrained
+  policy (said on stdout)."""
   import jax  # the flag plumbing above does not need JAX
   from mtrl_jax import train as train_lib
   try:
@@ -98,6 +102,21 @@ def trained_run(config, run_dir: str):
   vmap = (lambda f: jax.vmap(f)) if seeds > 1 else (lambda f: f)
   seed_keys = jax.random.split(jax.random.key(config.seed), seeds)
   seed_keys = seed_keys if seeds > 1 else seed_keys[0]
+  if run_dir is None:
+    preset = config.model.get("preset", "")
+    what = (f"the checkpoint {config.model.checkpoint}" if preset == "hf" else
+            f"untrained, model preset {preset!r}")
+    print(f"no --run: the config's initial params ({what})")
+    return trainer, jax.jit(vmap(trainer.init))(seed_keys), vmap
   state = init_from_run(run_dir, jax.jit(vmap(trainer.init)), jax.jit(vmap(trainer.start_rl)),
                         seed_keys)
   return trainer, state, vmap
+
+
+def output_path(out: str | None, run_dir: str | None, name: str) -> str:
+  """`--out`, else `<run_dir>/<name>`; without either, exit with the error."""
+  if out:
+    return out
+  if run_dir is None:
+    sys.exit("error: without --run, name the output file with --out")
+  return os.path.join(run_dir, name)

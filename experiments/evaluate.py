@@ -2,7 +2,8 @@
 --config configs/<name>.py --run DIR [--instances 64] [--samples 10] [--out FILE]
 [--config.<key>=<value> ...]`.
 
-Loads the params of the latest checkpoint in `DIR` (every seed of a `num_seeds` run), plays
+Loads the params of the latest checkpoint in `DIR` (every seed of a `num_seeds` run; without
+`--run`, the config's initial params, e.g. a loaded Hugging Face checkpoint, and `--out`), plays
 `--instances` environment instances `--samples` times each at the config's sampling temperature
 (fixed keys: the same instances for every run and every environment variant that draws them
 the same way), and reports per seed, after "LLMs Get Lost in Multi-Turn Conversation" (Laban et
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 
 import jax
@@ -37,11 +37,14 @@ from experiments import cli
 from mtrl_jax import rollout as rollout_lib
 from mtrl_jax import vocab as V
 
-_RUN = flags.DEFINE_string("run", None, "Work directory of the trained run to evaluate.")
+_RUN = flags.DEFINE_string("run", None, "Work directory of the trained run to evaluate (none: "
+                           "the config's initial params, e.g. a loaded Hugging Face checkpoint; "
+                           "then --out is required).")
 _INSTANCES = flags.DEFINE_integer("instances", 64, "Environment instances.")
 _SAMPLES = flags.DEFINE_integer("samples", 10, "Samples per instance.")
-_OUT = flags.DEFINE_string("out", None, "Output JSON (default RUN/eval.json).")
-flags.mark_flags_as_required(["config", "run"])
+_OUT = flags.DEFINE_string("out", None,
+                           "Output JSON (default RUN/eval.json; required without --run).")
+flags.mark_flags_as_required(["config"])
 
 
 def reliability(scores: np.ndarray) -> dict[str, float]:
@@ -74,6 +77,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = cli.CONFIG.value
+  path = cli.output_path(_OUT.value, _RUN.value, "eval.json")
   n, g = int(_INSTANCES.value), int(_SAMPLES.value)
   if n < 1 or g < 2:
     sys.exit(f"error: --instances must be >= 1 and --samples >= 2, got {n} and {g}")
@@ -104,7 +108,6 @@ def main(argv):
   out = {"run": _RUN.value, "env": config.env.to_dict(), "instances": n, "samples": g,
          "temperature": float(trainer.rollout_config.temperature), "per_seed": per_seed,
          "mean": {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0]}}
-  path = _OUT.value or os.path.join(_RUN.value, "eval.json")
   with open(path, "w") as f:
     json.dump(out, f, indent=1)
   print(json.dumps(out["mean"]))

@@ -2,7 +2,10 @@
 configs/<name>.py --run DIR [--trials 5] [--memory 0,1,3] [--instances 128]
 [--reflection template|policy] [--out FILE] [--config.<key>=<value> ...]`.
 
-Loads the params of the latest checkpoint in `DIR` (every seed of a `num_seeds` run) and plays
+Loads the params of the latest checkpoint in `DIR` (every seed of a `num_seeds` run; without
+`--run`, the config's initial params: a loaded Hugging Face checkpoint, e.g.
+`--config configs/hf_calculator_grpo.py --config.model.checkpoint=/ckpt/Qwen2.5-0.5B-Instruct
+--reflection policy --out reflexion.json`) and plays
 `--instances` tasks for `--trials` trials with episodic memory of the last Omega reflections,
 for each Omega in `--memory` (`mtrl_jax.reflexion`; no weight update). Trials sample at the
 config's rollout temperature (fixed keys: the same tasks for every run and every Omega).
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 
 import jax
@@ -30,20 +32,24 @@ from experiments import cli
 from mtrl_jax import reflexion as reflexion_lib
 from mtrl_jax import rollout as rollout_lib
 
-_RUN = flags.DEFINE_string("run", None, "Work directory of the trained run to evaluate.")
+_RUN = flags.DEFINE_string("run", None, "Work directory of the trained run to evaluate (none: "
+                           "the config's initial params, e.g. a loaded Hugging Face checkpoint; "
+                           "then --out is required).")
 _TRIALS = flags.DEFINE_integer("trials", 5, "Trials per task.")
 _MEMORY = flags.DEFINE_list("memory", ["0", "1", "3"], "Omega values: reflections kept.")
 _INSTANCES = flags.DEFINE_integer("instances", 128, "Tasks.")
 _REFLECTION = flags.DEFINE_enum("reflection", "template", list(reflexion_lib.REFLECTIONS),
                                 "Who writes the reflections.")
-_OUT = flags.DEFINE_string("out", None, "Output JSON (default RUN/reflexion.json).")
-flags.mark_flags_as_required(["config", "run"])
+_OUT = flags.DEFINE_string("out", None,
+                           "Output JSON (default RUN/reflexion.json; required without --run).")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   config = cli.CONFIG.value
+  path = cli.output_path(_OUT.value, _RUN.value, "reflexion.json")
   try:
     memories = [int(m) for m in _MEMORY.value]
   except ValueError:
@@ -76,7 +82,6 @@ def main(argv):
                              "success": np.asarray(success).tolist()}
     print(f"memory={m}: solved by trial " + " ".join(
         f"{x:.3f}" for x in np.mean(solved, axis=0)) + "  (mean over seeds)", flush=True)
-  path = _OUT.value or os.path.join(_RUN.value, "reflexion.json")
   with open(path, "w") as f:
     json.dump(out, f, indent=1)
   print(f"wrote {path}")

@@ -17,19 +17,28 @@ success after trial n is "solved in some trial <= n" (`solved[n]`); `success[n]`
 per-trial rate. With Omega = 0 the trials are independent retries, so `solved` is pass@n: the
 baseline that memory has to beat.
 
-Prompt with memory (symbol vocabulary; a real chat template gets the same pieces)::
+Prompt with memory (symbol vocabulary)::
 
     <bos> <system> reflection 1 <eot> <system> reflection 2 <eot> <user> question <eot> <assistant>
+
+With a real model the environment speaks a chat tokenizer's ids (`envs.json_tool.JsonToolEnv`,
+or any symbol environment through `envs.json_tool.TokenizedEnv`) and each reflection is a system
+message of the chat layout, after its begin-of-text (`memory_frame`), e.g. ChatML::
+
+    <|im_start|>system\n reflection 1<|im_end|>\n<|im_start|>system\n(the task's system prompt) ...
 
 Reflections (`reflection=`):
 * `'template'` (the option for tiny models): built by the environment from its own feedback on
   the failed trial, `env.reflection(final_state) -> (tokens [env.reflection_len], length)`,
   e.g. search: `<error> <the wrong answer> x0 r0 x1 ...` (the answer that was wrong and the
   chain links the agent had found); fix: what `run` reports on the final program.
+  Through `TokenizedEnv` the same symbols are written as text (`<error> ...`).
 * `'policy'`: the policy writes it. The failed trajectory's tokens followed by an instruction
-  (`<user> <error> <eot> <assistant>` by default, `instruction=` to change the content) are
-  the prompt of a one-turn generation of at most `reflection_len` tokens (the rollout's
-  sampling settings), whose tokens (without `<eot>`) become the reflection.
+  (symbol vocabulary: `<user> <error> <eot> <assistant>`; chat tokenizer: a user message with
+  `REFLECT_INSTRUCTION` and the assistant header; `instruction=` changes the content) are the
+  prompt of a one-turn generation of at most `reflection_len` tokens (the rollout's sampling
+  settings), whose tokens (without the end-of-turn) become the reflection. This is the option
+  for a loaded Hugging Face model.
 
 Meta-training (`config.reflexion.train_trials > 1` in `mtrl_jax.train`): every RL step plays
 `train_trials` trials of the same tasks with this loop and trains on all of them, so the policy
@@ -52,6 +61,49 @@ from mtrl_jax.models import transformer as tf
 from mtrl_jax.types import Trajectory
 
 REFLECTIONS = ("template", "policy")
+REFLECT_INSTRUCTION = ("That attempt failed. In one short sentence, say what went wrong and what "
+                       "to do differently next time.")
+
+
+def _is_chat(vocab) -> bool:
+  return not isinstance(vocab, V.Vocab) and hasattr(vocab, "symbol_ids")
+
+
+def memory_frame(vocab) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+  """How a reflection sits in the prompt: (ids before it, ids after it, prompt position of the
+  first reflection). Symbol vocabulary: `<system> r <eot>` after `<bos>`; a chat tokenizer
+  (`models.chat.ChatTokenizer`): a system message of its layout after its begin-of-text (ChatML
+  has none: at the start; Llama 3: after `<|begin_of_text|>`)."""
+  if isinstance(vocab, V.Vocab):
+    missing = vocab.missing((V.SYSTEM, V.BOS))
+    if missing:
+      raise ValueError(f"reflexion: the vocabulary has no {missing} (a reflection is a "
+                       f"<system> message after <bos>)")
+    return (vocab.id(V.SYSTEM),), (vocab.eot_id,), 1
+  if not _is_chat(vocab):
+    raise ValueError(f"reflexion: cannot write a system message with a {type(vocab).__name__} "
+                     f"vocabulary; use a vocab.Vocab or a models.chat.ChatTokenizer")
+  return (tuple(vocab.symbol_ids(V.SYSTEM)), tuple(vocab.symbol_ids(V.EOT, eot_sep=True)),
+          len(vocab.symbol_ids(V.BOS)))
+
+
+def instruction_ids(vocab, instruction: str | Sequence[str] | None = None) -> list[int]:
+  """The ids appended to a failed trajectory to ask the policy for its reflection: a user
+  message with `instruction` (symbols for a symbol vocabulary, default `<error>`; text for a
+  chat tokenizer, default `REFLECT_INSTRUCTION`), then the header of the assistant's turn."""
+  if isinstance(vocab, V.Vocab):
+    symbols = ((V.ERROR,) if instruction is None else
+               tuple(instruction.split()) if isinstance(instruction, str) else tuple(instruction))
+    missing = vocab.missing((V.USER, V.ASSISTANT, *symbols))
+    if missing:
+      raise ValueError(f"reflexion.instruction: the vocabulary has no {missing}")
+    return [vocab.id(V.USER), *vocab.ids(symbols), vocab.eot_id, vocab.id(V.ASSISTANT)]
+  if not _is_chat(vocab):
+    raise ValueError(f"reflexion: cannot write an instruction with a {type(vocab).__name__} "
+                     f"vocabulary; use a vocab.Vocab or a models.chat.ChatTokenizer")
+  text = (REFLECT_INSTRUCTION if instruction is None else
+          instruction if isinstance(instruction, str) else " ".join(instruction))
+  return vocab.reply_ids("user", [text])
 
 
 @flax.struct.dataclass
@@ -68,9 +120,11 @@ class WithMemory(base.Environment):
   """`env` with up to `slots` reflections (each <= `reflection_len` tokens) in its prompt.
 
   Params are `MemoryParams`; everything else (steps, replies, expert, info, vocabulary) is the
-  wrapped environment's. The reflections go right after the prompt's first token (`<bos>`),
-  each as a `<system> ... <eot>` message. Empty memory gives the wrapped environment's prompt exactly (the
-  prompt buffer is longer: `prompt_len = env.prompt_len + slots * (reflection_len + 2)`).
+  wrapped environment's. The reflections go right after the prompt's begin-of-text, each as a
+  system message (`memory_frame`: `<system> ... <eot>` for a symbol vocabulary, the chat layout's
+  system message for a real tokenizer). Empty memory gives the wrapped environment's prompt
+  exactly (the prompt buffer is longer: `prompt_len = env.prompt_len + slots * (reflection_len
+  + frame)`, frame = 2 for symbols).
   """
 
   def __init__(self, env: base.Environment, slots: int, reflection_len: int):
@@ -79,9 +133,7 @@ class WithMemory(base.Environment):
     if not isinstance(reflection_len, int) or reflection_len < 1:
       raise ValueError(f"reflexion.reflection_len must be an integer >= 1, got "
                        f"{reflection_len!r}")
-    for s in (V.SYSTEM, V.BOS):
-      if s not in env.vocab:
-        raise ValueError(f"WithMemory: the vocabulary of {env.name!r} has no {s}")
+    self._frame = memory_frame(env.vocab)
     self.env, self.slots, self.reflection_len = env, slots, reflection_len
     self.vocab = env.vocab
     self.name = env.name
@@ -101,7 +153,8 @@ class WithMemory(base.Environment):
 
   @property
   def prompt_len(self) -> int:
-    return self.env.prompt_len + self.slots * (self.reflection_len + 2)
+    pre, post, _ = self._frame
+    return self.env.prompt_len + self.slots * (self.reflection_len + len(pre) + len(post))
 
   @property
   def reply_len(self) -> int:
@@ -118,16 +171,14 @@ class WithMemory(base.Environment):
   def reset(self, key, params=None):
     params = self.default_params if params is None else params
     state, prompt = self.env.reset(key, params.inner)
-    system, eot = self.id(V.SYSTEM), self.id(V.EOT)
-    segments = [(prompt.tokens[:1], jnp.int32(1))]  # <bos>
+    pre, post, at = self._frame
+    segments = [(prompt.tokens[:at], jnp.int32(at))] if at else []  # the begin-of-text
     for i in range(self.slots):
       n = params.lengths[i]
-      framed = jnp.concatenate([jnp.asarray([system], jnp.int32), params.tokens[i],
-                                jnp.asarray([eot], jnp.int32)])
-      # `<system> r <eot>`: r's tokens, then <eot> right after its length (static shapes).
-      framed = jnp.where(jnp.arange(self.reflection_len + 2) == n + 1, eot, framed)
-      segments.append((framed, jnp.where(n > 0, n + 2, 0)))
-    segments.append((prompt.tokens[1:], prompt.length - 1))
+      segments += [(jnp.asarray(pre, jnp.int32), jnp.where(n > 0, len(pre), 0)),
+                   (params.tokens[i], n),
+                   (jnp.asarray(post, jnp.int32), jnp.where(n > 0, len(post), 0))]
+    segments.append((prompt.tokens[at:], prompt.length - at))
     tokens, length = base.concat_segments(segments, self.prompt_len)
     return state, prompt.replace(tokens=tokens, length=length)
 
@@ -240,7 +291,8 @@ class PromptParams:
 def make_reflexion(env: base.Environment, model_config: tf.ModelConfig,
                    rollout_config: rollout_lib.RolloutConfig, *, trials: int, memory: int,
                    reflection: str = "template", reflection_len: int | None = None,
-                   instruction: Sequence[str] = (V.ERROR,), keep_trajectories: bool = False
+                   instruction: str | Sequence[str] | None = None,
+                   keep_trajectories: bool = False
                    ) -> Callable[..., ReflexionResult]:
   """Validate and build `run(params, reset_keys [B], sample_keys [B], env_params=None)`.
 
@@ -271,8 +323,7 @@ def make_reflexion(env: base.Environment, model_config: tf.ModelConfig,
                      f"prompt_len={wrapped.prompt_len})") from None
   T = rollout_config.max_len
   if reflection == "policy" and memory:
-    instr = [env.vocab.id(V.USER), *[env.vocab.id(s) for s in instruction],
-             env.vocab.eot_id, env.vocab.id(V.ASSISTANT)]
+    instr = instruction_ids(env.vocab, instruction)
     prompt_env = PromptEnv(env.vocab, T + len(instr))
     writer = rollout_lib.make_rollout(prompt_env, model_config, dataclasses.replace(
         rollout_config, max_len=prompt_env.prompt_len + L + 1 + prompt_env.reply_len,

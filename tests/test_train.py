@@ -316,6 +316,16 @@ def test_init_from_another_runs_checkpoint(tmp_path):
     cli.init_from_run(str(tmp_path), init, start_rl, jax.random.key(8))
 
 
+def test_evaluation_output_path():
+  """`experiments.evaluate` / `reflexion` without `--run` (a loaded checkpoint's own params)
+  must be told where to write, before anything runs."""
+  from experiments import cli
+  assert cli.output_path("x.json", None, "eval.json") == "x.json"
+  assert cli.output_path(None, "runs/a", "eval.json") == os.path.join("runs/a", "eval.json")
+  with pytest.raises(SystemExit, match="without --run, name the output file with --out"):
+    cli.output_path(None, None, "eval.json")
+
+
 @pytest.mark.slow
 def test_cli_sft_then_rl_from_its_checkpoint(tmp_path):
   small = ["--config", "configs/quickstart.py", "--config.rollout.num_envs=4",

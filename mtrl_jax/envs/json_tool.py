@@ -536,6 +536,17 @@ class TokenizedEnv(base.Environment):
   def extra_info(self, state):
     return self.env.extra_info(state)
 
+  @property
+  def reflection_len(self) -> int:
+    """The inner environment's templated reflection (0: none), in tokens (an upper bound)."""
+    return getattr(self.env, "reflection_len", 0) * self._reply_table.shape[1]
+
+  def reflection(self, state):
+    """The inner environment's templated reflection written as text tokens (`mtrl_jax.reflexion`):
+    (tokens [reflection_len] int32 padded, length [])."""
+    symbols, n = self.env.reflection(state)
+    return self.translate(symbols, n, self._reply_table, self._reply_lens, self.reflection_len)
+
   @staticmethod
   def translate(ids, length, table, lens, size: int, prefix=()) -> tuple[jax.Array, jax.Array]:
     """Symbol ids [N] (first `length` real) -> (token ids [size] int32, count []): `prefix`

@@ -73,7 +73,7 @@ Where it differs, and why:
 5. gamma = 0.1 here, the `RLAGLoss` class default; the released training config
    (`configs/config.yaml`) passes gamma = 8, which puts z far below 0 so that
    -log sigmoid(z) ~ -z: every pair's terms get full weight, instead of sigma(-z) ~ 0.5-0.7 here.
-   `--config.rlag.gamma=8` runs that variant (not run for RESULTS.md).
+   `--config.rlag.gamma=8` runs that variant (RESULTS.md section 9 reports both).
 
 Sampling is a plain full-forward loop (`generate`), not `mtrl_jax.rollout`: questions are one
 turn, prompts are left-padded so every response starts at the same position, and at these

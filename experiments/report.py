@@ -410,21 +410,27 @@ def plot_think_budget(root, path: str, title: str, experiment: str = "think_budg
   return path
 
 
+# (env, policy label, (experiment, run), the run's reflexion JSON).
 REFLEXION_POLICIES = (
-    ("search", "SFT", ("tool_use", "search2_sft")),
-    ("search", "multi-turn RL (PPO, 60 x 32 episodes)", ("tool_use", "search2_ppo")),
-    ("search", "meta-trained (PPO, 20 x 3 trials x 32)", ("reflexion", "search_meta")),
-    ("fix", "SFT", ("fix", "sft")),
-    ("fix", "multi-turn RL (PPO, 60 x 32 episodes)", ("fix", "ppo")),
-    ("fix", "meta-trained (PPO, 20 x 3 trials x 32)", ("reflexion", "fix_meta")),
+    ("search", "SFT", ("tool_use", "search2_sft"), "reflexion.json"),
+    ("search", "multi-turn RL (PPO, 60 x 32 episodes)", ("tool_use", "search2_ppo"),
+     "reflexion.json"),
+    ("search", "meta-trained (PPO, 20 x 3 trials x 32)", ("reflexion", "search_meta"),
+     "reflexion.json"),
+    ("search", "SFT, own reflections", ("tool_use", "search2_sft"), "reflexion_policy.json"),
+    ("fix", "SFT", ("fix", "sft"), "reflexion.json"),
+    ("fix", "multi-turn RL (PPO, 60 x 32 episodes)", ("fix", "ppo"), "reflexion.json"),
+    ("fix", "meta-trained (PPO, 20 x 3 trials x 32)", ("reflexion", "fix_meta"),
+     "reflexion.json"),
+    ("fix", "SFT, own reflections", ("fix", "sft"), "reflexion_policy.json"),
 )
 
 
 def _reflexion_runs(root):
   """[(env, policy label, {Omega: {'solved': [seeds][trials], 'success': ...}} or None)]."""
   out = []
-  for env, label, (exp, name) in REFLEXION_POLICIES:
-    path = os.path.join(R.arm_dir(root, exp, name), "reflexion.json")
+  for env, label, (exp, name), file in REFLEXION_POLICIES:
+    path = os.path.join(R.arm_dir(root, exp, name), file)
     data = None
     if os.path.exists(path):
       with open(path) as f:

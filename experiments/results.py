@@ -62,8 +62,12 @@ def _rl_steps(name: str, config: str, sft: str, rl_steps: int, *overrides: str) 
   return Arm(name, "train", config, overrides, init_from=sft, rl_steps=rl_steps)
 
 
-def _reflexion(name: str, config: str, policy: str, *overrides: str) -> Arm:
-  return Arm(name, "reflexion", config, overrides, init_from=policy, out="reflexion.json")
+def _reflexion(name: str, config: str, policy: str, *overrides: str,
+               reflection: str = "template") -> Arm:
+  if reflection == "template":
+    return Arm(name, "reflexion", config, overrides, init_from=policy, out="reflexion.json")
+  return Arm(name, "reflexion", config, overrides, init_from=policy,
+             out=f"reflexion_{reflection}.json", flags=(f"--reflection={reflection}",))
 
 
 SEARCH3 = ("--config.env.hops=3", "--config.rollout.max_len=144")
@@ -181,16 +185,21 @@ EXPERIMENTS: dict[str, list[Arm]] = {
                                             THINK_2HOP_SFT_MAX_LEN),
     # 10. Reflexion (issue 9): success vs trial with Omega in {0, 1, 3} reflections in memory,
     #    for the SFT policy, the multi-turn RL policy (60 steps x 32 episodes) and a policy
-    #    meta-trained on 3-trial episodes with the same episode budget (20 steps x 3 x 32).
+    #    meta-trained on 3-trial episodes with the same episode budget (20 steps x 3 x 32);
+    #    and the SFT policy writing its own reflections (the option for a pretrained model).
     "reflexion": [
         _rl_steps("search_meta", "configs/search_reflexion.py", "tool_use/search2_sft", 20),
         _reflexion("eval_search_sft", "configs/search_reflexion.py", "tool_use/search2_sft"),
         _reflexion("eval_search_rl", "configs/search_reflexion.py", "tool_use/search2_ppo"),
         _reflexion("eval_search_meta", "configs/search_reflexion.py", "search_meta"),
+        _reflexion("eval_search_sft_policy", "configs/search_reflexion.py",
+                   "tool_use/search2_sft", reflection="policy"),
         _rl_steps("fix_meta", "configs/fix_reflexion.py", "fix/sft", 20),
         _reflexion("eval_fix_sft", "configs/fix_reflexion.py", "fix/sft"),
         _reflexion("eval_fix_rl", "configs/fix_reflexion.py", "fix/ppo"),
         _reflexion("eval_fix_meta", "configs/fix_reflexion.py", "fix_meta"),
+        _reflexion("eval_fix_sft_policy", "configs/fix_reflexion.py", "fix/sft",
+                   reflection="policy"),
     ],
 }
 

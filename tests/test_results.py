@@ -112,6 +112,22 @@ def test_reflexion_report_table_and_plot(tmp_path):
                             f"{report.fmt([0.4, 0.6])} | {report.fmt([0.5, 0.7])} | - |")
   assert rows[1].endswith(f"| {report.fmt([0.8, 0.9])} | {report.fmt([0.3, 0.2])} |")
   assert "| fix | SFT | - | not run |" in table
+  assert "| search | SFT, own reflections | - | not run |" in table
+  # The same policy writing its own reflections: its own file, its own rows.
+  (run / "reflexion_policy.json").write_text(json.dumps({"memory": {
+      "0": {"solved": solved0, "success": solved0}, "3": {"solved": solved0,
+                                                          "success": solved0}}}))
+  table, _ = report.report_reflexion(str(root))
+  own = [r for r in table.split("\n") if r.startswith("| search | SFT, own reflections |")]
+  assert len(own) == 2 and own[1].startswith("| search | SFT, own reflections | 3 | 2 |")
+  assert own[1].endswith(f"| {report.fmt([0.0, 0.0])} |")
+  arms = {a.name: a for a in R.EXPERIMENTS["reflexion"]}
+  policy = arms["eval_search_sft_policy"]
+  assert policy.init_from == "tool_use/search2_sft" and policy.out == "reflexion_policy.json"
+  cmd, done = R.command(str(root), "reflexion", policy, seeds=5, sft_steps=200, rl_steps=60)
+  assert "--reflection=policy" in cmd and done == str(run / "reflexion_policy.json")
+  assert "--reflection=policy" not in R.command(str(root), "reflexion", arms["eval_search_sft"],
+                                                seeds=5, sft_steps=200, rl_steps=60)[0]
   docs.mkdir()
   assert report.plot_reflexion(str(root), str(docs / "r.png"), "title")
   assert (docs / "r.png").stat().st_size > 1000

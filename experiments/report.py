@@ -457,16 +457,24 @@ def report_reflexion(root):
 
 
 def plot_reflexion(root, path: str, title: str) -> str | None:
-  """Solved-by-trial curves (mean, 95% band over seeds), one panel per env x policy."""
+  """Solved-by-trial curves (mean, 95% band over seeds), one panel per policy, one row per
+  env."""
   runs = [r for r in _reflexion_runs(root) if r[2] is not None]
   if not runs:
     return None
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(runs), figsize=(3.1 * len(runs), 3.2), sharey=True,
+  envs = list(dict.fromkeys(env for env, _, _ in runs))
+  rows = [[r for r in runs if r[0] == env] for env in envs]
+  cols = max(len(r) for r in rows)
+  fig, axes = plt.subplots(len(rows), cols, figsize=(3.1 * cols, 3.0 * len(rows)), sharey=True,
                            squeeze=False)
-  for ax, (env, label, data) in zip(axes[0], runs):
+  for ax in axes.flat:
+    ax.set_visible(False)
+  for ax, (env, label, data) in [(axes[i][j], r) for i, row in enumerate(rows)
+                                 for j, r in enumerate(row)]:
+    ax.set_visible(True)
     for omega, d in sorted(data.items(), key=lambda kv: int(kv[0])):
       solved = np.asarray(d["solved"])
       stats = [mean_ci(solved[:, n]) for n in range(solved.shape[1])]
@@ -477,7 +485,8 @@ def plot_reflexion(root, path: str, title: str) -> str | None:
     ax.set_title(f"{env}: {label.split(' (')[0]}", fontsize=9)
     ax.set_xlabel("trial")
     ax.grid(alpha=0.3)
-  axes[0][0].set_ylabel("solved in some trial so far")
+  for row in axes:
+    row[0].set_ylabel("solved in some trial so far")
   axes[0][0].legend(fontsize=8)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()

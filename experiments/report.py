@@ -398,6 +398,8 @@ def plot_think_budget(root, path: str, title: str, experiment: str = "think_budg
       ax.errorbar([x + 0.06 * (i - 1.5) for x, _ in pts], [m for m, _ in stats],
                   yerr=[h for _, h in stats], marker="o", capsize=3, label=legend,
                   linestyle="-" if phase in ("eval", "rl_start") else "--")
+    if metric == "exact match":  # an answer drawn from the asked attribute's 8 values
+      ax.axhline(1 / 8, color="grey", linestyle=":", label="guessing (1/8)")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel("per-turn think budget b")
     ax.set_title(metric, fontsize=9)

@@ -305,9 +305,22 @@ def test_meta_training_trains_on_every_trial():
   assert shapes.tokens.shape == (12, trainer.rollout_config.max_len)
   new, metrics = jax.jit(trainer.train_step)(state, jax.random.key(1))
   for k in ("train/success_first_trial", "train/success_last_trial", "train/solved_any_trial"):
-    # Rates over the 4 tasks of one trial (not over the 12 rows of the batch).
     assert 0.0 <= float(metrics[k]) <= 1.0
-    assert float(metrics[k]) * 4 == pytest.approx(round(float(metrics[k]) * 4), abs=1e-6)
+  # The per-trial metrics read the right trial, over its 4 tasks (an untrained policy solves
+  # nothing, so give the trial loop's result a known pattern).
+  play = trainer.reflexion
+
+  def patterned(*args):
+    out = play(*args)
+    success = jnp.asarray([[1, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]], bool)
+    return out.replace(success=success, solved=jnp.cumsum(success, axis=0) > 0)
+
+  trainer.reflexion = patterned
+  _, metrics = jax.jit(trainer.train_step)(state, jax.random.key(1))
+  assert float(metrics["train/success_first_trial"]) == 0.5
+  assert float(metrics["train/success_last_trial"]) == 0.25
+  assert float(metrics["train/solved_any_trial"]) == 0.75
+  trainer.reflexion = play
   # A real gradient (an untrained policy earns no reward here: the entropy bonus gives one; the
   # first RL update itself is scaled by the warm-up's lr of 0).
   assert np.isfinite(float(metrics["train/grad_norm"])) and float(metrics["train/grad_norm"]) > 0

@@ -11,7 +11,7 @@ A researcher's own task set, one JSON object per line::
 `question` and `answer` are required; `id` (default: the line number) and `solution` (assistant
 turns of a demonstration, replayed by `JsonToolEnv.expert`) are optional. A numeric answer
 (a number, or a string like "1,234", "$5", or GSM8K's "... #### 72") is compared numerically,
-any other answer by normalised exact match (see `mtrl_jax.envs.json_tool.is_correct`). For
+any other answer by normalised exact match (see `mtrl_jax.tasks.is_correct`). For
 multi-hop QA with the search tool, a corpus JSONL (`{"title": ..., "text": ...}` per line) is
 stored with the dataset (in its metadata: meant for small collections).
 
@@ -45,6 +45,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from mtrl_jax.tasks import Task, parse_numeric
+
 DATASET_NAME = "prompt_dataset"
 
 
@@ -66,7 +68,6 @@ def _json_lines(path: str) -> list[dict[str, Any]]:
 
 def read_tasks(path: str) -> list[dict[str, Any]]:
   """Validated task rows of a JSONL file (see the module docstring); errors name file:line."""
-  from mtrl_jax.envs.json_tool import parse_numeric
   out = []
   for n, row in _json_lines(path):
     for key in ("question", "answer"):
@@ -200,10 +201,9 @@ def _source(data_dir, name: str, split: str):
 
 
 def load_prompt_dataset(data_dir: str | epath.PathLike, name: str, split: str = "train"):
-  """(tasks: list of `json_tool.Task`, corpus: list of {title, text}, metadata) of a split.
+  """(tasks: list of `mtrl_jax.tasks.Task`, corpus: list of {title, text}, metadata) of a split.
 
   Raises ValueError naming the dataset (and listing what `data_dir` holds) or the split."""
-  from mtrl_jax.envs.json_tool import Task
   if name not in list_prompt_datasets(data_dir):
     raise ValueError(f"no prompt dataset {name!r} in {str(data_dir)!r}; it holds "
                      f"{list_prompt_datasets(data_dir)} (build it with build_prompt_dataset)")

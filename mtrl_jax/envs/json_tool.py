@@ -15,7 +15,7 @@ tokenizer's (`mtrl_jax.models.chat.ChatTokenizer`):
     `max_calls_per_turn`), parses each as JSON `{"name": ..., "arguments": {...}}`, runs the
     named Python tool and replies with one tool message holding the results;
   - otherwise takes the turn as the final answer: the episode ends, with success if the answer
-    (see `extract_answer`) matches the task's.
+    (see `mtrl_jax.tasks.extract_answer`) matches the task's.
 * Replies are the exact template pieces after the end-of-turn (`ChatTokenizer.fit_reply`): for
   ChatML `\\n<|im_start|>user\\n<tool_response>\\n{result}\\n</tool_response><|im_end|>\\n
   <|im_start|>assistant\\n`, padded to the static `reply_len`; a result too long for the budget
@@ -31,7 +31,8 @@ Tools are `Tool(name, description, parameters, fn)`: `fn(**arguments) -> str`, d
 model by its JSON schema in the system prompt. `calculator_tool()` (safe arithmetic) and
 `search_tool(corpus)` (BM25 over a small document collection) are built in.
 
-Tasks come from a TFDS prompt dataset (`mtrl_jax.data.prompts`) or a list of `Task`s.
+Tasks (`mtrl_jax.tasks.Task`) come from a TFDS prompt dataset (`mtrl_jax.data.prompts`) or a
+list.
 
 `TokenizedEnv(env, tokenizer)` runs any symbol-vocabulary environment of this package
 (calculator, search, clarify) in a real tokenizer's ids, with its own turn grammar.
@@ -46,7 +47,6 @@ import json
 import math
 import operator
 import re
-import string
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.struct
@@ -56,26 +56,14 @@ import numpy as np
 
 from mtrl_jax import vocab as V
 from mtrl_jax.envs import base
+from mtrl_jax.tasks import Task, is_correct
 
 DEFAULT_SYSTEM = ("You are a helpful assistant. Use the tools when they help. When you know the "
                   "final answer, reply with it inside <answer></answer> tags, without a tool call.")
 _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
-# --- tasks and tools --------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """One prompt. answer: the reference answer as text; answer_value: its number (NaN when the
-  answer is not numeric); solution: assistant turns of a demonstration (may be empty)."""
-
-  question: str
-  answer: str
-  answer_value: float = math.nan
-  solution: tuple[str, ...] = ()
-  id: str = ""
-
+# --- tools ------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Tool:
@@ -184,63 +172,6 @@ def search_tool(corpus: Sequence[Mapping[str, str]], k: int = 3, k1: float = 1.5
               parameters={"type": "object", "properties": {"query": {
                   "type": "string", "description": "What to look for"}}, "required": ["query"]},
               fn=search)
-
-
-# --- answers ----------------------------------------------------------------------------------
-
-def extract_answer(text: str) -> str:
-  """The final answer in a turn: the last `<answer>...</answer>`, else the last `\\boxed{...}`,
-  else what follows the last "answer is" / "Answer:", else the whole text (stripped)."""
-  tags = re.findall(r"<answer>(.*?)</answer>", text, re.S)
-  if tags:
-    return tags[-1].strip()
-  boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
-  if boxed:
-    return boxed[-1].strip()
-  said = re.findall(r"answer(?: is|:)\s*(.+)", text, re.I)
-  if said:
-    return said[-1].strip()
-  return text.strip()
-
-
-def normalize_text(s: str) -> str:
-  """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
-  s = "".join(c for c in s.lower() if c not in set(string.punctuation))
-  s = re.sub(r"\b(a|an|the)\b", " ", s)
-  return " ".join(s.split())
-
-
-def is_correct(text: str, task: Task) -> bool:
-  """Numeric tasks: the last number of the extracted answer equals `answer_value` (relative
-  tolerance 1e-6). Other tasks: normalised exact match with `answer`."""
-  got = extract_answer(text)
-  if not math.isnan(task.answer_value):
-    numbers = _NUMBER.findall(got)
-    if not numbers:
-      return False
-    try:
-      value = float(numbers[-1].replace(",", ""))
-    except ValueError:
-      return False
-    return abs(value - task.answer_value) <= 1e-6 * max(1.0, abs(task.answer_value))
-  return normalize_text(got) == normalize_text(task.answer)
-
-
-def parse_numeric(answer: Any) -> float:
-  """A reference answer's number: numbers as is; strings like "1,234", "$5", "72", or GSM8K's
-  "... #### 72"; NaN when there is none."""
-  if isinstance(answer, bool):
-    return math.nan
-  if isinstance(answer, (int, float)):
-    return float(answer)
-  s = str(answer)
-  if "####" in s:
-    s = s.split("####")[-1]
-  s = s.strip().replace(",", "").lstrip("$").rstrip("%").strip()
-  try:
-    return float(s)
-  except ValueError:
-    return math.nan
 
 
 # --- the environment --------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from mtrl_jax import vocab as V
-from mtrl_jax.models.hf import require
+from mtrl_jax.optional import require
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,7 +48,7 @@ is the loaded params (on a CPU backend they *are* host memory) plus about two co
 largest tensor (the embedding). Measured for a Qwen2.5-0.5B-sized checkpoint in docs/HF.md.
 
 Dependencies: `safetensors` (and `tokenizers` for `mtrl_jax.models.chat`) are the `hf` extra,
-imported lazily: `import mtrl_jax` never needs them.
+imported lazily (`mtrl_jax.optional.require`): `import mtrl_jax` never needs them.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtrl_jax.models import transformer as tf
+from mtrl_jax.optional import require
 
 SUPPORTED_MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                          "llama": "LlamaForCausalLM"}
@@ -84,15 +85,6 @@ class UnsupportedCheckpointError(ValueError):
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint whose tensors do not match its config: missing, unexpected or misshapen."""
-
-
-def require(module: str):
-  """Import an optional dependency of the `hf` extra, with an error that says how to get it."""
-  try:
-    return __import__(module, fromlist=["_"])
-  except ImportError as e:
-    raise ImportError(f"{module} is needed for Hugging Face checkpoints and tokenizers: "
-                      f'pip install -e ".[hf]"  ({e})') from None
 
 
 # --- config ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ pytest.importorskip("safetensors", reason="needs the hf extra: pip install -e .[
 pytest.importorskip("jinja2", reason="needs the hf extra: pip install -e .[hf]")
 
 from configs import hf_calculator_grpo  # noqa: E402
+from experiments import export  # noqa: E402
 from mtrl_jax import train as train_lib  # noqa: E402
 from mtrl_jax.models import chat, hf  # noqa: E402
 from mtrl_jax.models import transformer as tf  # noqa: E402
@@ -119,7 +120,7 @@ def test_cli_runs_the_config(checkpoint, tmp_path):
   # The trained policy exports as a Hugging Face checkpoint (for transformers / vLLM).
   config = tiny_config(path, tmp_path / "tfds")
   out = str(tmp_path / "export")
-  assert hf.export_trained_policy(config, workdir / "checkpoints", out) == 2
+  assert export.export_trained_policy(config, workdir / "checkpoints", out) == 2
   cfg, params = hf.load_hf_checkpoint(out)
   assert cfg.qkv_bias and sorted(os.listdir(out)) == sorted(os.listdir(path))
   _, original = hf.load_hf_checkpoint(path)

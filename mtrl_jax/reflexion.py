@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from mtrl_jax import rollout as rollout_lib
 from mtrl_jax import vocab as V
 from mtrl_jax.envs import base
+from mtrl_jax.envs import wrappers
 from mtrl_jax.models import transformer as tf
 from mtrl_jax.types import Trajectory
 
@@ -116,16 +117,23 @@ class MemoryParams:
   lengths: jax.Array
 
 
-class WithMemory(base.Environment):
+class WithMemory(wrappers.Wrapper):
   """`env` with up to `slots` reflections (each <= `reflection_len` tokens) in its prompt.
 
-  Params are `MemoryParams`; everything else (steps, replies, expert, info, vocabulary) is the
+  A `Wrapper` whose params are `MemoryParams` (the wrapped environment's inside, as `.inner`):
+  the prompt (`reset_env`, `prompt_len`) is its own, and `step_env` / `expert` pass the inner
+  params on; everything else (steps, replies, info, vocabulary, name, capabilities) is the
   wrapped environment's. The reflections go right after the prompt's begin-of-text, each as a
-  system message (`memory_frame`: `<system> ... <eot>` for a symbol vocabulary, the chat layout's
-  system message for a real tokenizer). Empty memory gives the wrapped environment's prompt
-  exactly (the prompt buffer is longer: `prompt_len = env.prompt_len + slots * (reflection_len
-  + frame)`, frame = 2 for symbols).
+  system message (`memory_frame`: `<system> ... <eot>` for a symbol vocabulary, the chat
+  layout's system message for a real tokenizer). Empty memory gives the wrapped environment's
+  prompt exactly (the prompt buffer is longer: `prompt_len = env.prompt_len + slots *
+  (reflection_len + frame)`, frame = 2 for symbols).
+
+  The memory's slot length is `slot_len` (the constructor's `reflection_len`);
+  `.reflection_len` is, as for any wrapper, the wrapped environment's templated reflection.
   """
+
+  Params = MemoryParams
 
   def __init__(self, env: base.Environment, slots: int, reflection_len: int):
     if not isinstance(slots, int) or slots < 0:
@@ -134,13 +142,8 @@ class WithMemory(base.Environment):
       raise ValueError(f"reflexion.reflection_len must be an integer >= 1, got "
                        f"{reflection_len!r}")
     self._frame = memory_frame(env.vocab)
-    self.env, self.slots, self.reflection_len = env, slots, reflection_len
-    self.vocab = env.vocab
-    self.name = env.name
-    self.empty_idle_actions = bool(getattr(env, "empty_idle_actions", False))
-
-  def symbols(self) -> Sequence[str]:
-    return self.env.symbols()
+    super().__init__(env)
+    self.slots, self.slot_len = slots, reflection_len
 
   @property
   def default_params(self) -> MemoryParams:
@@ -148,29 +151,16 @@ class WithMemory(base.Environment):
 
   def empty_memory(self, inner) -> MemoryParams:
     return MemoryParams(inner=inner,
-                        tokens=jnp.zeros((self.slots, self.reflection_len), jnp.int32),
+                        tokens=jnp.zeros((self.slots, self.slot_len), jnp.int32),
                         lengths=jnp.zeros((self.slots,), jnp.int32))
 
   @property
   def prompt_len(self) -> int:
     pre, post, _ = self._frame
-    return self.env.prompt_len + self.slots * (self.reflection_len + len(pre) + len(post))
+    return self.env.prompt_len + self.slots * (self.slot_len + len(pre) + len(post))
 
-  @property
-  def reply_len(self) -> int:
-    return self.env.reply_len
-
-  @property
-  def action_len(self) -> int:
-    return self.env.action_len
-
-  @property
-  def max_turns(self) -> int:
-    return self.env.max_turns
-
-  def reset(self, key, params=None):
-    params = self.default_params if params is None else params
-    state, prompt = self.env.reset(key, params.inner)
+  def reset_env(self, key, params: MemoryParams):
+    state, prompt = self.env.reset_env(key, params.inner)
     pre, post, at = self._frame
     segments = [(prompt.tokens[:at], jnp.int32(at))] if at else []  # the begin-of-text
     for i in range(self.slots):
@@ -182,25 +172,11 @@ class WithMemory(base.Environment):
     tokens, length = base.concat_segments(segments, self.prompt_len)
     return state, prompt.replace(tokens=tokens, length=length)
 
-  def step(self, key, state, action, params=None):
-    params = self.default_params if params is None else params
-    return self.env.step(key, state, action, params.inner)
+  def step_env(self, key, state, action, params: MemoryParams):
+    return self.env.step_env(key, state, action, params.inner)
 
-  def expert(self, key, state, params):
+  def expert(self, key, state, params: MemoryParams):
     return self.env.expert(key, state, params.inner)
-
-  def info(self, state):
-    return self.env.info(state)
-
-  def reflection(self, state):
-    return self.env.reflection(state)
-
-  # The abstract hooks (unused: reset/step above delegate to the wrapped env's public API).
-  def reset_env(self, key, params):
-    return self.reset(key, params)
-
-  def step_env(self, key, state, action, params):
-    raise NotImplementedError("WithMemory.step delegates to the wrapped environment")
 
 
 def remember(tokens: jax.Array, lengths: jax.Array, new: jax.Array, new_length: jax.Array,
@@ -237,11 +213,20 @@ class ReflexionResult:
   trajs: Trajectory | None = None
 
 
+@flax.struct.dataclass
+class PromptParams:
+  """`PromptEnv`'s params. tokens: [prompt_len] int32 the prompt (right-padded); length: []."""
+
+  tokens: jax.Array
+  length: jax.Array
+
+
 class PromptEnv(base.Environment):
   """A one-turn environment whose prompt is given in its (per-row) params: the reflection
   generator. params: `PromptParams(tokens [prompt_len], length [])`."""
 
   name = "prompt"
+  Params = PromptParams
 
   def __init__(self, vocab, prompt_len: int, reply_len: int = 2):
     self.vocab, self._prompt_len, self._reply_len = vocab, prompt_len, reply_len
@@ -282,12 +267,6 @@ class PromptEnv(base.Environment):
     return base.Action(jnp.asarray([self.vocab.eot_id], jnp.int32), jnp.int32(1))
 
 
-@flax.struct.dataclass
-class PromptParams:
-  tokens: jax.Array
-  length: jax.Array
-
-
 def make_reflexion(env: base.Environment, model_config: tf.ModelConfig,
                    rollout_config: rollout_lib.RolloutConfig, *, trials: int, memory: int,
                    reflection: str = "template", reflection_len: int | None = None,
@@ -308,7 +287,7 @@ def make_reflexion(env: base.Environment, model_config: tf.ModelConfig,
   if reflection not in REFLECTIONS:
     raise ValueError(f"reflexion.reflection={reflection!r}; expected one of {REFLECTIONS}")
   if reflection == "template":
-    native = getattr(env, "reflection_len", 0)
+    native = env.reflection_len
     if not native:
       raise ValueError(f"reflexion.reflection='template': environment {env.name!r} has no "
                        f"templated reflection (env.reflection); use reflection='policy'")

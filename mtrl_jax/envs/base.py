@@ -24,6 +24,13 @@
 Subclasses implement `reset_env`, `step_env` and `expert`; `Environment.step` adds what every
 environment shares: stepping a finished episode is a no-op, the turn limit truncates, the
 reply of a finished episode is empty, and `info` is assembled from the state.
+
+What an environment can do beyond the contract is declared, as class attributes of
+`Environment` with their defaults (override them in a subclass, as a class attribute or a
+property): `name`, `Params`, `empty_idle_actions`, `reflection_len`. Code reads them as plain
+attributes (`env.reflection_len`), never with `getattr(env, ..., default)`. An environment that
+changes another one (a tool answered in Python, a memory in the prompt, a real tokenizer's
+ids) subclasses `mtrl_jax.envs.wrappers.Wrapper`, which forwards all of this.
 """
 
 from __future__ import annotations
@@ -95,9 +102,28 @@ def initial_counters() -> dict[str, jax.Array]:
 
 
 class Environment(abc.ABC):
-  """Base class of all environments. See the module docstring for the contract."""
+  """Base class of all environments. See the module docstring for the contract.
+
+  Declared capabilities (class attributes; a subclass overrides them as class attributes or
+  properties, and `wrappers.Wrapper` forwards the wrapped environment's):
+
+  Attributes:
+    name: the environment's name in messages and metrics ("env").
+    Params: the `flax.struct.dataclass` of this environment's params, the type of
+      `default_params` (default `EnvParams`); `registry.make` routes overrides to its fields.
+    empty_idle_actions: the rollout steps the whole batch whenever some row's turn ended and
+      discards the results of the rows whose turn did not. False (default): those rows are
+      passed their unfinished turn; True: an empty action (`length = 0`), so that a host-side
+      `step` (`jax.pure_callback`) can skip them (`envs.json_tool`).
+    reflection_len: tokens of the templated reflection on a failed episode (`reflection`, used
+      by `mtrl_jax.reflexion`); 0 (default): the environment has none, and `reflection`
+      raises.
+  """
 
   name: str = "env"
+  Params: type = EnvParams
+  empty_idle_actions: bool = False
+  reflection_len: int = 0
 
   def __init__(self, vocab: V.Vocab | None = None):
     symbols = tuple(self.symbols())
@@ -160,12 +186,11 @@ class Environment(abc.ABC):
     """Environment-specific scalar metrics added to `info` (override)."""
     return {}
 
-  # Reflexion's templated self-reflection (`mtrl_jax.reflexion`); 0 = this env has none.
-  reflection_len: int = 0
-
   def reflection(self, state: EnvState) -> tuple[jax.Array, jax.Array]:
-    """A short note on a finished, failed episode, built from the environment's own feedback
-    (override with `reflection_len`): (tokens [reflection_len] int32 padded, length [])."""
+    """A short note on a finished, failed episode, built from the environment's own feedback:
+    (tokens [reflection_len] int32 padded, length []). Override it together with
+    `reflection_len > 0`; with the default `reflection_len = 0` there is none, and asking for
+    it is a programming error (`reflexion.make_reflexion` checks `reflection_len` first)."""
     raise NotImplementedError(f"environment {self.name!r} has no templated reflection")
 
   # --- the public, shared part ------------------------------------------------------------

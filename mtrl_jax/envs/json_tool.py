@@ -56,6 +56,7 @@ import numpy as np
 
 from mtrl_jax import vocab as V
 from mtrl_jax.envs import base
+from mtrl_jax.envs import wrappers
 from mtrl_jax.tasks import Task, is_correct
 
 DEFAULT_SYSTEM = ("You are a helpful assistant. Use the tools when they help. When you know the "
@@ -403,7 +404,7 @@ class JsonToolEnv(base.Environment):
 
 # --- pure-JAX environments through a real tokenizer ----------------------------------------
 
-class TokenizedEnv(base.Environment):
+class TokenizedEnv(wrappers.Wrapper):
   """A symbol-vocabulary environment (calculator, search, clarify, ...) spoken in a real
   tokenizer's ids, so the pure-JAX environments can talk to a real model.
 
@@ -420,16 +421,15 @@ class TokenizedEnv(base.Environment):
     token), so demonstrations and expert forcing work unchanged.
 
   Static budgets are the inner ones times the longest symbol in tokens (an upper bound).
+  A `Wrapper`: the vocabulary (the tokenizer), the budgets, `name`, `empty_idle_actions`, the
+  reflection and the hooks that translate are its own; params, `max_turns`, `info` are `env`'s.
   """
 
   empty_idle_actions = True  # the rollout passes length 0 for rows whose turn did not end
 
   def __init__(self, env: base.Environment, tokenizer):
-    self.env = env
-    super().__init__(tokenizer)
-    self.name = f"tokenized({getattr(env, 'name', type(env).__name__)})"
-    self.Params = getattr(env, "Params", None)
-    self.tokenizer = tokenizer
+    super().__init__(env)
+    self.vocab = self.tokenizer = tokenizer
     reply_table, reply_lens = tokenizer.symbol_table(env.vocab, eot_sep=True)
     turn_table, turn_lens = tokenizer.symbol_table(env.vocab, eot_sep=False)
     self._reply_table, self._reply_lens = jnp.asarray(reply_table), jnp.asarray(reply_lens)
@@ -441,12 +441,12 @@ class TokenizedEnv(base.Environment):
     self._symbols = env.vocab.symbols
     self._unk, self._eot = env.vocab.id(V.UNK), env.vocab.id(V.EOT)
 
+  @property
+  def name(self) -> str:
+    return f"tokenized({self.env.name})"
+
   def symbols(self):
     return ()
-
-  @property
-  def default_params(self):
-    return self.env.default_params
 
   @property
   def prompt_len(self):
@@ -461,16 +461,9 @@ class TokenizedEnv(base.Environment):
     return self._action_len
 
   @property
-  def max_turns(self):
-    return self.env.max_turns
-
-  def extra_info(self, state):
-    return self.env.extra_info(state)
-
-  @property
   def reflection_len(self) -> int:
     """The inner environment's templated reflection (0: none), in tokens (an upper bound)."""
-    return getattr(self.env, "reflection_len", 0) * self._reply_table.shape[1]
+    return self.env.reflection_len * self._reply_table.shape[1]
 
   def reflection(self, state):
     """The inner environment's templated reflection written as text tokens (`mtrl_jax.reflexion`):

@@ -30,58 +30,29 @@ import numpy as np
 from mtrl_jax import vocab as V
 from mtrl_jax.envs import base
 from mtrl_jax.envs import tools as T
+from mtrl_jax.envs import wrappers
 
 ToolFn = Callable[[str], str]
 
 
-class PythonToolEnv(base.Environment):
-  """`env` with the tools named in `tools` answered by Python functions (see module doc)."""
+class PythonToolEnv(wrappers.Wrapper):
+  """`env` with the tools named in `tools` answered by Python functions (see module doc).
+
+  A `Wrapper`: only `name` and `step_env` are its own; everything else is `env`'s."""
 
   def __init__(self, env: base.Environment, tools: Mapping[str, ToolFn]):
-    self.env = env
+    super().__init__(env)
     self.tools = dict(tools)
     missing = env.vocab.missing(self.tools)
     if missing:
       raise ValueError(f"tool names {missing} are not symbols of {type(env).__name__}'s "
                        "vocabulary; a tool name must be one token")
-    super().__init__(env.vocab)
-    self.name = f"python-tool({getattr(env, 'name', type(env).__name__)})"
-    self.Params = getattr(env, "Params", None)
     self._tool_ids = np.asarray(self.vocab.ids(self.tools), np.int32)
     self._names = {int(i): n for i, n in zip(self._tool_ids, self.tools)}
 
-  # Everything static is the wrapped environment's.
-  def symbols(self):
-    return self.env.symbols()
-
   @property
-  def default_params(self):
-    return self.env.default_params
-
-  @property
-  def prompt_len(self):
-    return self.env.prompt_len
-
-  @property
-  def reply_len(self):
-    return self.env.reply_len
-
-  @property
-  def action_len(self):
-    return self.env.action_len
-
-  @property
-  def max_turns(self):
-    return self.env.max_turns
-
-  def reset_env(self, key, params):
-    return self.env.reset_env(key, params)
-
-  def expert(self, key, state, params):
-    return self.env.expert(key, state, params)
-
-  def extra_info(self, state):
-    return self.env.extra_info(state)
+  def name(self) -> str:
+    return f"python-tool({self.env.name})"
 
   def step_env(self, key, state, action, params):
     state, obs, reward, done = self.env.step_env(key, state, action, params)

@@ -552,6 +552,30 @@ def test_registry():
   assert all(e.vocab is vocab for e in envs)
 
 
+def test_registry_factories():
+  """Environments built by a factory (json_tool: files and the hf extra, tested in
+  test_hf_chat.py) are made by name but not listed with the classes."""
+  assert registry.list_factories() == ["json_tool"]
+  with pytest.raises(ValueError, match=r"unknown environment 'nope'.*built by factories: "
+                                       r"\['json_tool'\]"):
+    registry.make("nope")
+  with pytest.raises(ValueError, match="'json_tool' is already registered to "
+                                       "mtrl_jax.envs.registry._json_tool"):
+    registry.register("json_tool", Calculator)
+  with pytest.raises(ValueError, match="'calculator' is already registered to Calculator"):
+    registry.register_factory("calculator", lambda **kw: None)
+  with pytest.raises(ValueError, match="'search' is already registered to Search"):
+    registry.register("search", Calculator)
+  calc, calc_params = registry.make("calculator", num_digits=1)
+  registry.register_factory("test-factory", lambda **kw: (calc, calc_params.replace(**kw)))
+  try:
+    env, params = registry.make("test-factory", noise=0.5)
+    assert env is calc and params.noise == 0.5
+    assert "test-factory" in registry.list_factories()
+  finally:
+    del registry._FACTORIES["test-factory"]
+
+
 def test_constructor_checks_name_the_setting():
   with pytest.raises(ValueError, match="num_digits"):
     Calculator(num_digits=5, num_operands=3)

@@ -509,6 +509,37 @@ def test_bad_task_files_name_the_line(tmp_path):
     prompts.read_tasks(str(bad))
 
 
+def test_registry_builds_json_tool(tmp_path, chatml_dir):
+  """`registry.make("json_tool", **kw)` is `json_tool.from_config({"name": "json_tool", **kw})`:
+  the same environment and params, the same errors (a lazily imported factory)."""
+  from mtrl_jax.envs import registry
+  kw = dict(checkpoint=chatml_dir, data_dir=str(tmp_path), reply_len=96, max_turns=2,
+            tasks=os.path.join(DATA, "arith_tasks.jsonl"), noise=0.1, correct_reward=2.0)
+  env, params = registry.make("json_tool", **kw)
+  ref, ref_params = json_tool.from_config({"name": "json_tool", **kw})
+  assert isinstance(env, json_tool.JsonToolEnv) and env.name == "json_tool"
+  assert (env.prompt_len, env.reply_len, env.action_len, env.max_turns, env.tasks,
+          sorted(env.tools), env.system) == \
+      (ref.prompt_len, ref.reply_len, ref.action_len, ref.max_turns, ref.tasks,
+       sorted(ref.tools), ref.system)
+  assert jax.tree.structure(params) == jax.tree.structure(ref_params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(params.noise) == pytest.approx(0.1) and float(params.correct_reward) == 2.0
+  for bad in (dict(checkpoint=chatml_dir, colour="red"), dict(),
+              dict(checkpoint=chatml_dir, data_dir=str(tmp_path)),
+              dict(checkpoint=chatml_dir, data_dir=str(tmp_path), tools="search",
+                   tasks=os.path.join(DATA, "arith_tasks.jsonl"))):
+    with pytest.raises(ValueError) as got:
+      registry.make("json_tool", **bad)
+    with pytest.raises(ValueError) as want:
+      json_tool.from_config({"name": "json_tool", **bad})
+    assert str(got.value) == str(want.value)
+  assert "json_tool" in registry.list_factories() and "json_tool" not in registry.list_envs()
+  with pytest.raises(ValueError, match="built by the factory"):
+    registry.accepted_overrides("json_tool")
+
+
 def test_env_from_config_with_search(tmp_path, chatml_dir):
   env, params = json_tool.from_config(dict(
       name="json_tool", checkpoint=chatml_dir, data_dir=str(tmp_path),

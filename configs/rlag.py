@@ -2,8 +2,8 @@
 
     python -m experiments.rlag --config configs/rlag.py [--config.<key>=<value> ...]
 
-See `mtrl_jax/rlag.py` for the arms, the warm start and the RLAG loss; docs/RESULTS.md section 9
-for the results. Unknown keys are errors that name the key.
+See `experiments/rlag_study.py` for the arms, the warm start and the RLAG loss;
+docs/RESULTS.md section 9 for the results. Unknown keys are errors that name the key.
 """
 
 import ml_collections
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
                                                 grad_clip=1.0, eval_every=20, replay=1.0,
                                                 arms="cpt,sft,rlag"))
   # RLAG (weights and clips of the paper's released code; its training config uses gamma=8,
-  # the loss class defaults to 0.1: see mtrl_jax/rlag.py).
+  # the loss class defaults to 0.1: see experiments/rlag_study.py).
   config.rlag = ml_collections.ConfigDict(dict(
       beta_d_pair=0.2, beta_a=0.5,      # knowledge / preference weights when the pair differs
       beta_d_same=0.5,                  # knowledge weight when it does not (beta_a = 0)

@@ -44,6 +44,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from mtrl_jax import policy as policy_lib
 from mtrl_jax.envs import registry
 
 
@@ -159,7 +160,7 @@ def _host_loop_rollout(env, model_config, rc, params, key, env_params):
   B, T, A = rc.batch_size, rc.max_len, rc.turn_budget
   K = env.max_turns if rc.max_turns is None else rc.max_turns
   eot = env.vocab.eot_id
-  banned = jnp.asarray(R.never_sampled_mask(env.vocab, model_config.vocab_size))
+  banned = jnp.asarray(policy_lib.never_sampled_mask(env.vocab, model_config.vocab_size))
   cfg = dataclasses.replace(model_config, value_head=False)
   fns = _host_loop_fns(env, cfg, banned, rc.temperature)
   reset_keys, sample_keys = R.rollout_keys(key, rc.num_envs, rc.group_size)
@@ -235,7 +236,7 @@ def _host_loop_fns(env, cfg, banned, temperature):
 
   @jax.jit
   def decode(params, last_logits, pos, cache, key):
-    logp = R.sampling_log_probs(last_logits, banned, temperature=temperature)
+    logp = policy_lib.sampling_log_probs(last_logits, banned, temperature=temperature)
     tok = jax.random.categorical(key, logp).astype(jnp.int32)
     logits, _, cache = tf.apply(cfg, params, tok[:, None], pos[:, None], cache=cache)
     return tok, cache, logits[:, 0]

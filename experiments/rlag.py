@@ -2,7 +2,8 @@
 [--config.<key>=<value> ...]`.
 
 Runs the shared warm start and every arm of `config.train.arms` (continued pre-training, SFT,
-RLAG; `mtrl_jax.rlag`) for `config.num_seeds` seeds at once (`jax.vmap` over seed keys), then
+RLAG; `experiments/rlag_study.py`) for `config.num_seeds` seeds at once (`jax.vmap` over seed
+keys), then
 
 * writes `<workdir>/<arm>/metrics.jsonl` (`mtrl_jax.metrics.MetricsWriter`: closed-book accuracy
   by question type every `train.eval_every` steps, training metrics, per seed as `key/seed<i>`;
@@ -30,7 +31,7 @@ from absl import app, flags
 from experiments import cli
 from experiments.report import mean_ci
 from mtrl_jax import metrics as metrics_lib
-from mtrl_jax import rlag
+from experiments import rlag_study as rlag
 from mtrl_jax.envs import facts as facts_lib
 
 _PLOT = flags.DEFINE_string("plot", "docs/results_rlag.png", "Where the bar plot goes ('' = none).")

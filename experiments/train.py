@@ -35,6 +35,7 @@ from mtrl_jax import checkpoint as ckpt_lib
 from mtrl_jax import metrics as metrics_lib
 from mtrl_jax import train as train_lib
 from mtrl_jax import vocab as V
+from mtrl_jax.rl import collect as collect_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>).")
 flags.mark_flags_as_required(["config"])
@@ -92,7 +93,7 @@ def main(argv, *, sft_only: bool = False):
   total = sft_steps + rl_steps
   env, mc = trainer.env, trainer.model_config
   episodes = f"{trainer.rollout_config.batch_size} episodes/step"
-  if trainer.reflexion is not None:
+  if isinstance(trainer.collect, collect_lib.ReflexionTrials):
     episodes = (f"{config.reflexion.train_trials} Reflexion trials x {episodes} (memory "
                 f"{config.reflexion.memory})")
   print(f"env {config.env.name}: vocab {env.vocab.size}, max turns {env.max_turns}; model "

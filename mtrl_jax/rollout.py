@@ -1,6 +1,7 @@
 """The fused multi-turn rollout: KV-cache sampling and environment steps in one jitted loop.
 
-`make_rollout(env, model_config, config)` validates every budget and returns a pure function
+`make_rollout(env, model_config, config)` validates every budget and returns a `Rollout`, a
+pure function of its arguments:
 
     rollout(params, key, env_params=None) -> Trajectory          # jit it; vmap it; shard it
 
@@ -36,13 +37,14 @@ Budgets (validated in `make_rollout`, errors name the setting):
 Forced tokens are part of the turn (`turn=k`) but are not policy samples: `loss_mask=False`,
 `sampler_logprob=0`.
 
-Sampling distribution and RL ratios. Tokens are sampled from `sampling_log_probs(logits)`:
-temperature-scaled logits with the control tokens the policy must never emit (`<pad>`,
-`<bos>`, role headers: they are the environment's) masked out, then top-k / top-p truncation.
-`sampler_logprob` is the log-probability under exactly that distribution. A learner should
-score tokens with `sampling_log_probs(logits, top_k=0, top_p=1)` (same temperature and mask),
-so that at top-k = 0 and top-p = 1 the importance ratio is exactly 1 before the first update;
-with truncation the two differ, which the train step reports as the sampler/learner agreement.
+Sampling distribution and RL ratios. Tokens are sampled from the rollout's
+`mtrl_jax.policy.Policy` (`rollout.policy`): temperature-scaled logits with the control tokens
+the policy must never emit (`<pad>`, `<bos>`, role headers: they are the environment's) masked
+out, then top-k / top-p truncation. `sampler_logprob` is the log-probability under exactly that
+distribution. The learner scores tokens with `rollout.policy.learner()` (same temperature and
+mask, no truncation), so that at top-k = 0 and top-p = 1 the importance ratio is exactly 1
+before the first update; with truncation the two differ, which the train step reports as the
+sampler/learner agreement.
 
 Expert forcing (`config.force_expert=True`): instead of sampling, every turn replays
 `env.expert`'s action token by token (for evaluation of the expert through exactly the same
@@ -77,6 +79,7 @@ import numpy as np
 from mtrl_jax import vocab as V
 from mtrl_jax.envs import base as envs_base
 from mtrl_jax.models import transformer as tf
+from mtrl_jax.policy import Policy
 from mtrl_jax.types import Trajectory
 
 GEN, FEED, DONE = 0, 1, 2
@@ -84,7 +87,6 @@ GEN, FEED, DONE = 0, 1, 2
 _ENV_FIELDS = ("tokens", "pos", "turn_start", "k", "env_state", "info", "turn_end",
                "turn_reward", "turn_valid", "done", "truncated", "phase", "reply", "reply_n",
                "reply_i", "forced")
-NEVER_SAMPLED = (V.PAD, V.BOS, V.SYSTEM, V.USER, V.ASSISTANT, V.TOOL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,51 +174,6 @@ def validate(env: envs_base.Environment, model_config: tf.ModelConfig, c: Rollou
   return k
 
 
-def never_sampled_mask(vocab: V.TokenizerAdapter, vocab_size: int) -> np.ndarray:
-  """[V] bool: True for ids the policy may not emit (control tokens, ids beyond the vocab).
-
-  A tokenizer adapter with a `never_sampled_ids()` method (a real tokenizer's role headers,
-  `mtrl_jax.models.chat.ChatTokenizer`) names its own; a symbol `Vocab` bans `NEVER_SAMPLED`.
-  """
-  mask = np.zeros((vocab_size,), bool)
-  if hasattr(vocab, "never_sampled_ids"):
-    mask[list(vocab.never_sampled_ids())] = True
-  else:
-    mask[[vocab.id(s) for s in NEVER_SAMPLED if s in vocab]] = True
-  mask[vocab.size:] = True
-  return mask
-
-
-def sampling_log_probs(logits: jax.Array, banned: jax.Array, *, temperature: float = 1.0,
-                       top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-  """Log-probabilities of the distribution tokens are sampled from.
-
-  Args:
-    logits: [..., V] float32 model logits.
-    banned: [V] bool, ids that are never sampled (their log-prob is -inf).
-    temperature: > 0, divides the logits.
-    top_k: keep the k largest (0 = all).
-    top_p: keep the smallest set of tokens whose mass reaches top_p (1.0 = all).
-
-  Returns:
-    [..., V] float32 normalised log-probabilities (-inf outside the support).
-  """
-  x = jnp.where(banned, -jnp.inf, logits.astype(jnp.float32) / temperature)
-  if top_k:
-    kth = jax.lax.top_k(x, top_k)[0][..., -1:]
-    x = jnp.where(x < kth, -jnp.inf, x)
-  if top_p < 1.0:
-    order = jnp.argsort(-x, axis=-1)
-    sorted_x = jnp.take_along_axis(x, order, axis=-1)
-    probs = jax.nn.softmax(sorted_x, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < top_p
-    keep = jnp.zeros_like(keep_sorted).at[
-        tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
-    x = jnp.where(keep, x, -jnp.inf)
-  return jax.nn.log_softmax(x, axis=-1)
-
-
 def rollout_keys(key: jax.Array, num_envs: int, group_size: int) -> tuple[jax.Array, jax.Array]:
   """Per-row keys: (reset_keys [B], sample_keys [B]); reset keys are shared within a group."""
   k_reset, k_sample = jax.random.split(key)
@@ -225,11 +182,9 @@ def rollout_keys(key: jax.Array, num_envs: int, group_size: int) -> tuple[jax.Ar
 
 
 def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
-                 config: RolloutConfig) -> Callable[..., Trajectory]:
-  """Validate budgets and build `rollout(params, key, env_params=None) -> Trajectory`.
+                 config: RolloutConfig) -> "Rollout":
+  """Validate budgets and build the `Rollout` (call it as `rollout(params, key, env_params)`).
 
-  The returned function has an attribute `rollout.rows(params, reset_keys [B], sample_keys [B],
-  env_params)`: the same computation from explicit per-row keys (what sharding uses).
   `params` are the policy's Transformer params (`{'embed': ..., 'layers': ...}`).
   """
   K = validate(env, model_config, config)
@@ -239,22 +194,19 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
   eot, think_open, think_close = vocab.eot_id, None, None
   if c.think_budget is not None:
     think_open, think_close = vocab.id(V.THINK_OPEN), vocab.id(V.THINK_CLOSE)
-  banned = jnp.asarray(never_sampled_mask(vocab, model_config.vocab_size))
-  empty_idle_actions = bool(getattr(env, "empty_idle_actions", False))
+  policy = Policy.for_vocab(vocab, model_config.vocab_size, temperature=c.temperature,
+                            top_k=c.top_k, top_p=c.top_p)
+  empty_idle_actions = bool(env.empty_idle_actions)
   policy_cfg = dataclasses.replace(model_config, value_head=False)
 
   def model(params, tokens, positions, cache):
     logits, _, cache = tf.apply(policy_cfg, params, tokens, positions, cache=cache)
     return logits, cache
 
-  def sample(key, logits):
-    logp = sampling_log_probs(logits, banned, temperature=c.temperature, top_k=c.top_k,
-                              top_p=c.top_p)
-    tok = jnp.argmax(logp, -1) if c.greedy else jax.random.categorical(key, logp)
-    return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[..., None], -1)[..., 0]
+  sample = lambda key, logits: policy.sample(key, logits, greedy=c.greedy)
 
   def rows(params, reset_keys, sample_keys, env_params=None, *, forced_actions=None,
-           forced_lengths=None, num_forced=None, stop_after_turn=None, continue_keys=None,
+           num_forced=None, stop_after_turn=None, continue_keys=None,
            env_params_per_row=False, return_env_state=False):
     """Play one episode per row from explicit keys (see the module docstring).
 
@@ -267,8 +219,8 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
       forced_actions: [B, K, A'] int32 recorded agent-turn tokens (A' <= turn budget A), e.g.
         from `turn_actions(traj, A)`. Turns `k < num_forced[b]` are fed from the recording
         instead of being sampled (`loss_mask=False`, `sampler_logprob=0`), like expert forcing.
-      forced_lengths: [B, K] int32 lengths of the recorded turns (informational: a recorded
-        turn ends with its own `<eot>`, or at the context end exactly as it did when recorded).
+        A recorded turn ends with its own `<eot>`, or at the context end exactly as it did
+        when recorded, so no lengths are needed.
       num_forced: [B] int32 number of leading turns to replay (needs `forced_actions`).
       stop_after_turn: [B] int32: the episode is truncated once that many turns happened.
       continue_keys: [B] keys for the tokens sampled after the forced prefix and the
@@ -291,7 +243,6 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
         raise ValueError(f"rows: forced_actions must be [B={B}, K={K}, <= {A}], got {fa.shape}")
       fa = jnp.pad(fa, ((0, 0), (0, 0), (0, A - fa.shape[2])))
       num_forced = jnp.asarray(num_forced, jnp.int32)
-    del forced_lengths  # the recorded tokens carry their own end (see the docstring)
 
     env_state, prompt = jax.vmap(env.reset, in_axes=(0, p_axis))(reset_keys, env_params)
     p_pos = jnp.where(jnp.arange(P) < prompt.length[:, None], jnp.arange(P), T)
@@ -461,15 +412,33 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
         turn_valid=s["turn_valid"], done=s["done"], truncated=s["truncated"], info=s["info"])
     return (traj, s["env_state"]) if return_env_state else traj
 
-  def rollout(params, key, env_params=None) -> Trajectory:
-    reset_keys, sample_keys = rollout_keys(key, c.num_envs, c.group_size)
-    return rows(params, reset_keys, sample_keys, env_params)
+  return Rollout(rows=rows, config=c, policy=policy, max_turns=K, turn_budget=A)
 
-  rollout.rows = rows
-  rows.turn_budget = A
-  rollout.config = c
-  rollout.max_turns = K
-  return rollout
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Rollout:
+  """A built rollout (`make_rollout`): `rollout(params, key, env_params=None) -> Trajectory`.
+
+  Attributes:
+    rows: `rows(params, reset_keys [B], sample_keys [B], env_params=None, **replay)`, the same
+      computation from explicit per-row keys (what sharding, Reflexion and the multiturn-aware
+      reward use; see its docstring for the replay arguments).
+    config: the validated `RolloutConfig`.
+    policy: the `Policy` tokens are sampled from (`policy.learner()` scores them).
+    max_turns: K, agent turns per episode.
+    turn_budget: A, tokens per agent turn.
+  """
+
+  rows: Callable[..., Any]
+  config: RolloutConfig
+  policy: Policy
+  max_turns: int
+  turn_budget: int
+
+  def __call__(self, params, key: jax.Array, env_params=None) -> Trajectory:
+    """`config.num_envs * config.group_size` episodes from one key (groups contiguous)."""
+    reset_keys, sample_keys = rollout_keys(key, self.config.num_envs, self.config.group_size)
+    return self.rows(params, reset_keys, sample_keys, env_params)
 
 
 def turn_actions(traj: Trajectory, width: int) -> tuple[jax.Array, jax.Array]:
@@ -496,7 +465,7 @@ def turn_actions(traj: Trajectory, width: int) -> tuple[jax.Array, jax.Array]:
 MR_SALT = 0x4D52  # folded into a row's sample key for its continuations' keys
 
 
-def multiturn_aware_reward(rows_fn: Callable[..., Trajectory], params, traj: Trajectory,
+def multiturn_aware_reward(rollout: Rollout, params, traj: Trajectory,
                            reset_keys: jax.Array, sample_keys: jax.Array, *, window: int,
                            samples: int = 1, env_params=None) -> tuple[jax.Array, Trajectory]:
   """CollabLLM's multiturn-aware reward MR(k), by forward sampling, in one batched rollout.
@@ -511,13 +480,13 @@ def multiturn_aware_reward(rows_fn: Callable[..., Trajectory], params, traj: Tra
     MR[b, k] = mean over `samples` continuations of the sum of their rewards of turns k ..
                k + window (turn k's own reward included; fewer if the episode ends first).
 
-  All B*K*samples continuations run as one `rows_fn` call (static shapes; continuations of
+  All B*K*samples continuations run as one `rollout.rows` call (static shapes; continuations of
   invalid turns are computed and discarded). Cost: about K*samples rollouts of the batch.
 
   Args:
-    rows_fn: `make_rollout(...).rows` (the rollout that produced `traj`).
+    rollout: the `Rollout` that produced `traj`.
     params: policy params.
-    traj: [B] recorded trajectories, K turns, produced by `rows_fn(params?, reset_keys,
+    traj: [B] recorded trajectories, K turns, produced by `rollout.rows(params?, reset_keys,
       sample_keys)` (any params: only the tokens are replayed).
     reset_keys, sample_keys: [B] the keys `traj` was played with.
     window: w >= 1 turns of look-ahead.
@@ -530,7 +499,7 @@ def multiturn_aware_reward(rows_fn: Callable[..., Trajectory], params, traj: Tra
   if window < 1 or samples < 1:
     raise ValueError(f"window and samples must be >= 1, got {window}, {samples}")
   B, K = traj.turn_valid.shape
-  A = rows_fn.turn_budget
+  A = rollout.turn_budget
   actions, _ = turn_actions(traj, A)
   n_valid = jnp.sum(traj.turn_valid, axis=1).astype(jnp.int32)                          # [B]
   rep = lambda x: jnp.repeat(x, K * samples, axis=0)
@@ -540,7 +509,7 @@ def multiturn_aware_reward(rows_fn: Callable[..., Trajectory], params, traj: Tra
   row_keys = rep(sample_keys)
   ckeys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.fold_in(k, MR_SALT), i))(
       row_keys, jnp.tile(jnp.arange(K * samples, dtype=jnp.int32), B))
-  cont = rows_fn(params, rep(reset_keys), row_keys, env_params, forced_actions=rep(actions),
+  cont = rollout.rows(params, rep(reset_keys), row_keys, env_params, forced_actions=rep(actions),
                  num_forced=num_forced, stop_after_turn=stop, continue_keys=ckeys)
   from_k = jnp.arange(K)[None, :] >= k_of[:, None]                                       # [N, K]
   total = jnp.sum(jnp.where(cont.turn_valid & from_k, cont.turn_reward, 0.0), axis=1)

@@ -1,8 +1,15 @@
 """Training: `make_train(config)` -> pure functions of a `TrainState`; building from a config.
 
 A config (see `configs/`) has sections `env`, `model`, `rollout`, `algo`, `optim`, `sft`,
-`train`; each builder validates its section and raises `ValueError` naming the offending key
-before anything is compiled.
+`train` (and optionally `reflexion`); each is validated when the trainer is built, and a bad
+key or value raises `ValueError` naming `config.<section>.<key>` before anything is compiled.
+
+The RL train step is a pipeline of pure stages from `mtrl_jax.rl` (DESIGN section 7):
+
+    collect     rl.collect     the episodes (a strategy chosen at build time)
+    score       rl.scoring     loss mask, shaped per-turn rewards, returns
+    advantages  rl.estimators  the named estimator's token advantages and value targets
+    update      rl.update      epochs x minibatches of `rl.objective.ppo_loss` in `lax.scan`
 """
 
 from __future__ import annotations
@@ -15,32 +22,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtrl_jax import reflexion as reflexion_lib
 from mtrl_jax import rollout as rollout_lib
-from mtrl_jax import vocab as V
 from mtrl_jax.envs import base as envs_base
 from mtrl_jax.envs import demos as envs_demos
 from mtrl_jax.envs import registry
 from mtrl_jax.models import transformer as tf
-from mtrl_jax.rl import advantages, losses
+from mtrl_jax.rl import collect as collect_lib
+from mtrl_jax.rl import estimators, losses, objective, scoring
+from mtrl_jax.rl.config import AlgoConfig, Checks, from_section, section_dict
+from mtrl_jax.rl.update import ppo_update
 
-
-def _as_dict(section: Any) -> dict[str, Any]:
-  return dict(section.to_dict() if hasattr(section, "to_dict") else section)
+written_mask = scoring.written_mask  # re-exported: part of the public API since round 1
 
 
 def build_env(section: Mapping[str, Any]) -> tuple[envs_base.Environment, Any]:
   """`config.env` = {name, **overrides} -> (env, env_params)."""
-  kwargs = _as_dict(section)
+  kwargs = section_dict(section)
   if "name" not in kwargs:
     raise ValueError(f"config.env.name is missing; known environments: {registry.list_envs()}")
   name = kwargs.pop("name")
-  if name == "json_tool":  # real tokenizer, Python tools (mtrl_jax.envs.json_tool; hf extra)
-    from mtrl_jax.envs import json_tool
-    try:
-      return json_tool.from_config({"name": name, **kwargs})
-    except ValueError as e:
-      raise ValueError(f"config.env: {e}") from None
   try:
     return registry.make(name, **kwargs)
   except ValueError as e:
@@ -53,7 +53,7 @@ def build_model_config(section: Mapping[str, Any], vocab_size: int) -> tf.ModelC
   With `checkpoint` (a Hugging Face checkpoint directory, `mtrl_jax.models.hf`) the
   architecture is the checkpoint's: `preset` is ignored, `param_dtype`/`dtype` and other
   ModelConfig fields (e.g. `remat`) still apply, and `Trainer.init` loads its weights."""
-  kwargs = _as_dict(section)
+  kwargs = section_dict(section)
   preset = kwargs.pop("preset", "tiny")
   checkpoint = kwargs.pop("checkpoint", "")
   if checkpoint:
@@ -75,7 +75,7 @@ def build_model_config(section: Mapping[str, Any], vocab_size: int) -> tf.ModelC
 
 def build_rollout_config(section: Mapping[str, Any]) -> rollout_lib.RolloutConfig:
   """`config.rollout` = RolloutConfig fields -> RolloutConfig (unknown keys are errors)."""
-  kwargs = _as_dict(section)
+  kwargs = section_dict(section)
   fields = {f.name for f in dataclasses.fields(rollout_lib.RolloutConfig)}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
@@ -83,9 +83,76 @@ def build_rollout_config(section: Mapping[str, Any]) -> rollout_lib.RolloutConfi
   return rollout_lib.RolloutConfig(**kwargs)
 
 
-# --- the trainer ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """`config.optim`: the RL optimizer (AdamW with global-norm clipping, linear warm-up).
 
-ADVANTAGES = ("turn_gae", "token_gae", "grpo", "rloo")
+  lr: peak learning rate (> 0); warmup: steps of linear warm-up from 0 (>= 0); b1, b2: Adam
+  moments' decay in [0, 1); grad_clip: global-norm clip (> 0); weight_decay: >= 0 (also used by
+  the SFT optimizer, with `config.sft.lr`)."""
+
+  lr: float = 1e-4
+  warmup: int = 5
+  b1: float = 0.9
+  b2: float = 0.999
+  grad_clip: float = 1.0
+  weight_decay: float = 0.0
+
+  def __post_init__(self):
+    c = Checks(self, "optim")
+    c.number("lr", 0.0, low_open=True)
+    c.integer("warmup", 0)
+    c.number("b1", 0.0, 1.0, high_open=True)
+    c.number("b2", 0.0, 1.0, high_open=True)
+    c.number("grad_clip", 0.0, low_open=True)
+    c.number("weight_decay", 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  """`config.sft`: the supervised warm start.
+
+  steps: SFT steps (>= 0; 0 = none); batch_size: demonstrations per step (>= 1); lr: > 0;
+  noise: the demonstrator's per-turn mistake rate in [0, 1]; data_dir, dataset: a TFDS
+  demonstration dataset to read instead of generating demonstrations ('' = generate)."""
+
+  steps: int = 300
+  batch_size: int = 32
+  lr: float = 1e-3
+  noise: float = 0.3
+  data_dir: str = ""
+  dataset: str = ""
+
+  def __post_init__(self):
+    c = Checks(self, "sft")
+    c.integer("steps", 0)
+    c.integer("batch_size", 1)
+    c.number("lr", 0.0, low_open=True)
+    c.number("noise", 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """`config.train`: the RL run.
+
+  steps: RL steps (>= 0); eval_every: RL steps between greedy evaluations (>= 1); eval_envs:
+  evaluation episodes (>= 1); log_every, checkpoint_every: steps (>= 1); keep_checkpoints:
+  checkpoints kept (>= 1); num_seeds: seeds trained at once by vmap (>= 1)."""
+
+  steps: int = 160
+  eval_every: int = 20
+  eval_envs: int = 64
+  log_every: int = 1
+  checkpoint_every: int = 40
+  keep_checkpoints: int = 2
+  num_seeds: int = 1
+
+  def __post_init__(self):
+    c = Checks(self, "train")
+    c.integer("steps", 0)
+    for name in ("eval_every", "eval_envs", "log_every", "checkpoint_every", "keep_checkpoints",
+                 "num_seeds"):
+      c.integer(name, 1)
 
 
 @flax.struct.dataclass
@@ -104,69 +171,6 @@ class TrainState:
   rng: jax.Array
 
 
-def _check_algo(algo, rollout_config: rollout_lib.RolloutConfig) -> None:
-  if algo.advantage not in ADVANTAGES:
-    raise ValueError(f"config.algo.advantage={algo.advantage!r}; expected one of {ADVANTAGES}")
-  if algo.advantage in ("grpo", "rloo") and rollout_config.group_size < 2:
-    raise ValueError(f"config.algo.advantage={algo.advantage!r} needs "
-                     f"config.rollout.group_size >= 2, got {rollout_config.group_size}")
-  if algo.dynamic_sampling and rollout_config.group_size < 2:
-    raise ValueError("config.algo.dynamic_sampling needs config.rollout.group_size >= 2")
-  if rollout_config.batch_size % algo.minibatches:
-    raise ValueError(f"config.rollout batch ({rollout_config.batch_size} episodes) is not "
-                     f"divisible by config.algo.minibatches={algo.minibatches}")
-  if algo.loss_agg not in losses.AGGREGATION_MODES:
-    raise ValueError(f"config.algo.loss_agg={algo.loss_agg!r}; expected one of "
-                     f"{losses.AGGREGATION_MODES}")
-  if algo.kl_coef and algo.kl_kind not in losses.KL_KINDS:
-    raise ValueError(f"config.algo.kl_kind={algo.kl_kind!r}; expected one of {losses.KL_KINDS}")
-  mr_window, mr_samples = algo.get("mr_window", 0), algo.get("mr_samples", 1)
-  if not isinstance(mr_window, int) or mr_window < 0:
-    raise ValueError(f"config.algo.mr_window must be an integer >= 0 (0 = off), got {mr_window!r}")
-  if not isinstance(mr_samples, int) or mr_samples < 1:
-    raise ValueError(f"config.algo.mr_samples must be an integer >= 1, got {mr_samples!r}")
-  if mr_window and algo.advantage != "turn_gae":
-    raise ValueError(f"config.algo.mr_window={mr_window} (multiturn-aware reward) needs "
-                     f"config.algo.advantage='turn_gae', got {algo.advantage!r}")
-
-
-REFLEXION_KEYS = ("train_trials", "memory", "reflection", "reflection_len")
-
-
-def _check_reflexion(config) -> dict[str, Any] | None:
-  """`config.reflexion` (optional) -> `make_reflexion` kwargs, or None when off.
-
-  train_trials: trials per RL episode (1 = off: ordinary episodes); memory: Omega reflections
-  kept; reflection: 'template' | 'policy'; reflection_len: tokens per reflection (0 = the
-  environment's template length)."""
-  section = config.get("reflexion", None)
-  if section is None:
-    return None
-  kwargs = _as_dict(section)
-  unknown = sorted(set(kwargs) - set(REFLEXION_KEYS))
-  if unknown:
-    raise ValueError(f"config.reflexion: unknown keys {unknown}; valid keys: "
-                     f"{list(REFLEXION_KEYS)}")
-  trials = kwargs.get("train_trials", 1)
-  if not isinstance(trials, int) or trials < 1:
-    raise ValueError(f"config.reflexion.train_trials must be an integer >= 1, got {trials!r}")
-  if trials == 1:
-    return None
-  return dict(trials=trials, memory=kwargs.get("memory", 1),
-              reflection=kwargs.get("reflection", "template"),
-              reflection_len=kwargs.get("reflection_len", 0) or None)
-
-
-def written_mask(tokens: jax.Array) -> jax.Array:
-  """[B, T] bool: positions up to each row's last non-pad token (padding only follows it).
-
-  Searched from the end, so that a real token that has the pad id inside the stream (id 0 of a
-  real tokenizer) is not taken for padding.
-  """
-  not_pad = tokens != V.PAD_ID
-  return jnp.flip(jnp.cumsum(jnp.flip(not_pad, axis=1), axis=1), axis=1) > 0
-
-
 class Trainer:
   """`make_train(config)`: pure, jittable functions of a `TrainState`.
 
@@ -174,26 +178,17 @@ class Trainer:
   * `sft_step(state, key) -> (state, metrics)`: behaviour cloning on freshly generated (noisy)
     expert demonstrations, loss on the expert's tokens only.
   * `start_rl(state) -> TrainState`: freeze the reference policy, fresh RL optimizer.
-  * `train_step(state, key) -> (state, metrics)`: rollout -> one forward for old log-probs,
-    values and reference log-probs -> advantages -> `epochs` x `minibatches` clipped updates in
-    `lax.scan`. No host round trip. With `config.reflexion.train_trials = N > 1` the rollout
-    is N Reflexion trials of the same tasks (`mtrl_jax.reflexion`: episodic memory of the
-    failed trials' reflections in the prompt) and the update trains on all N*B episodes
-    (meta-training a policy to use its memory).
-
-    Multiturn-aware reward (CollabLLM; `algo.mr_window = w > 0`, `algo.mr_samples = S`):
-    after the rollout, every turn k of every row is continued `S` times by the current policy
-    and the environment for w more turns (w >= K: to the end) from the replayed conversation
-    through turn k, in one more batched rollout of B*K*S rows inside the same jitted step
-    (`rollout.multiturn_aware_reward`). MR[b, k] = mean over the continuations of their rewards
-    of turns k .. k+w. MR replaces the environment's per-turn reward (shaping terms, overlong
-    and KL-in-reward, still add) with `gamma_turn = 0` semantics: each turn is credited with its
-    MR only, against the turn-level critic (`advantage='turn_gae'`, required): A_k = MR_k - V_k,
-    value target MR_k. `train/return` stays the environment's return of the rollout;
-    `train/mr_mean` is the mean MR over valid turns. Cost: ~K*S extra rollouts per step.
+  * `train_step(state, key) -> (state, metrics)`: collect -> score -> advantages -> update (the
+    module docstring); no host round trip. What is collected is chosen here, once
+    (`self.collect`, `mtrl_jax.rl.collect`): plain rollouts, Reflexion trials
+    (`config.reflexion.train_trials > 1`) or rollouts with the multiturn-aware reward
+    (`config.algo.mr_window > 0`).
   * `evaluate(params, key) -> metrics`: greedy rollouts.
   * `train(key) -> (state, metrics)`: the whole run (SFT then RL) in one `lax.scan` each;
     `jax.vmap(train)(keys)` trains several seeds at once.
+
+  Tokens are sampled from and scored under one `mtrl_jax.policy.Policy` (`self.policy`, the
+  rollout's; the learner, the reference and SFT score with `self.policy.learner()`).
   """
 
   def __init__(self, config, *, num_devices: int = 1, axis_name: str | None = None):
@@ -203,79 +198,90 @@ class Trainer:
     so the update equals the single-device one."""
     self.config = config
     self.num_devices, self.axis_name = int(num_devices), axis_name
+    self.algo = AlgoConfig.from_section(config.algo)
+    self.optim = from_section(OptimConfig, config.optim, "optim")
+    self.sft = from_section(SFTConfig, config.sft, "sft")
+    self.train_config = from_section(TrainConfig, config.train, "train")
     self.env, self.env_params = build_env(config.env)
     self.model_config = build_model_config(config.model, self.env.vocab.size)
     self.rollout_config = build_rollout_config(config.rollout)
-    self.algo = config.algo
-    _check_algo(self.algo, self.rollout_config)
-    rc = self.rollout_config
+    rc, algo = self.rollout_config, self.algo
+    self.estimator = estimators.ESTIMATORS[algo.advantage]
+    if rc.group_size < self.estimator.min_group_size:
+      raise ValueError(f"config.algo.advantage={algo.advantage!r} needs "
+                       f"config.rollout.group_size >= {self.estimator.min_group_size}, got "
+                       f"{rc.group_size}")
+    if algo.dynamic_sampling and rc.group_size < 2:
+      raise ValueError("config.algo.dynamic_sampling needs config.rollout.group_size >= 2")
+    if rc.batch_size % algo.minibatches:
+      raise ValueError(f"config.rollout batch ({rc.batch_size} episodes) is not "
+                       f"divisible by config.algo.minibatches={algo.minibatches}")
     if rc.num_envs % self.num_devices:
       raise ValueError(f"config.rollout.num_envs={rc.num_envs} is not divisible by the "
                        f"{self.num_devices} devices of the data axis")
     local = rc.num_envs // self.num_devices
-    if (local * rc.group_size) % self.algo.minibatches:
+    if (local * rc.group_size) % algo.minibatches:
       raise ValueError(f"per-device batch {local * rc.group_size} is not divisible by "
-                       f"config.algo.minibatches={self.algo.minibatches}")
-    self.rollout = rollout_lib.make_rollout(self.env, self.model_config,
-                                            dataclasses.replace(rc, num_envs=local))
-    self.reflexion = None
-    meta = _check_reflexion(config)
-    if meta:  # meta-training on multi-trial episodes with episodic memory (mtrl_jax.reflexion)
-      if self.algo.get("mr_window", 0):
-        raise ValueError("config.reflexion.train_trials > 1 cannot be combined with "
-                         "config.algo.mr_window (multiturn-aware reward)")
-      try:
-        self.reflexion = reflexion_lib.make_reflexion(
-            self.env, self.model_config, dataclasses.replace(rc, num_envs=local),
-            keep_trajectories=True, **meta)
-      except ValueError as e:
-        raise ValueError(f"config.reflexion: {e}") from None
+                       f"config.algo.minibatches={algo.minibatches}")
+    local_rc = dataclasses.replace(rc, num_envs=local)
+    self.rollout = rollout_lib.make_rollout(self.env, self.model_config, local_rc)
+    self.collect = collect_lib.make_collector(config, self.env, self.model_config, local_rc,
+                                              self.rollout, algo, num_devices=self.num_devices)
     self.eval_rollout = rollout_lib.make_rollout(
         self.env, self.model_config,
-        dataclasses.replace(self.rollout_config, num_envs=config.train.eval_envs, group_size=1,
+        dataclasses.replace(rc, num_envs=self.train_config.eval_envs, group_size=1,
                             greedy=True))
-    self.banned = jnp.asarray(rollout_lib.never_sampled_mask(self.env.vocab,
-                                                             self.model_config.vocab_size))
-    self.demo_params = self.env_params.replace(noise=config.sft.noise)
+    self.policy = self.rollout.policy
+    self.learner = self.policy.learner()
+    self.demo_params = self.env_params.replace(noise=self.sft.noise)
     need = envs_demos.required_len(self.env)
-    if config.sft.steps and need > self.rollout_config.max_len:
-      raise ValueError(f"config.rollout.max_len={self.rollout_config.max_len} cannot hold an "
+    if self.sft.steps and need > rc.max_len:
+      raise ValueError(f"config.rollout.max_len={rc.max_len} cannot hold an "
                        f"expert episode ({need} tokens) for SFT")
-    self.sft_opt = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip),
-                               optax.adamw(config.sft.lr, weight_decay=config.optim.weight_decay))
-    schedule = optax.linear_schedule(0.0, config.optim.lr, max(1, config.optim.warmup))
-    self.rl_opt = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip),
-                              optax.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2,
-                                          weight_decay=config.optim.weight_decay))
+    optim = self.optim
+    self.sft_opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
+                               optax.adamw(self.sft.lr, weight_decay=optim.weight_decay))
+    schedule = optax.linear_schedule(0.0, optim.lr, max(1, optim.warmup))
+    self.rl_opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
+                              optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
+                                          weight_decay=optim.weight_decay))
 
   # --- forward helpers -------------------------------------------------------------------------
-  def _sum(self, tree):
+  def reduce(self, tree):
     """Sum over the data axis when sharded (identity on one device)."""
     if self.axis_name is None:
       return tree
     return jax.lax.psum(tree, self.axis_name)
 
-  def _log_probs(self, logits):
-    """[B, T, V] log-probs of the distribution the rollout samples from (no top-k/p)."""
-    return rollout_lib.sampling_log_probs(logits, self.banned,
-                                          temperature=self.rollout_config.temperature)
-
   def _forward(self, params, tokens):
-    """(log-probs [B, T, V], token log-probs [B, T], values [B, T] or None).
-
-    Tokens the sampler can never emit (prompt/reply role headers, padding) have log-prob -inf;
-    they are set to 0 here, in the forward pass, so that masked-out positions cannot turn into
-    NaN gradients (0 * d exp(-inf - -inf)).
-    """
+    """Score `tokens` [B, T] under the learner's distribution: (token log-probs [B, T], 0 on
+    tokens the policy cannot emit; entropy [B, T] nats; values [B, T] or None)."""
     logits, values = tf.apply_actor_critic(self.model_config, params, tokens)
-    logp_all = self._log_probs(logits)
-    logp = losses.token_log_probs(logp_all, tokens)
-    return logp_all, jnp.where(jnp.isfinite(logp), logp, 0.0), values
+    logp_all, logp = self.learner.token_log_probs(logits, tokens)
+    return logp, losses.entropy_from_logits(logp_all), values
+
+  def _reference_logp(self, ref_params, tokens):
+    """[B, T] token log-probs of the frozen reference policy (0 on unsampleable tokens)."""
+    ref_logits, _, _ = tf.apply(dataclasses.replace(self.model_config,
+                                                    value_head=not self.algo.separate_critic),
+                                ref_params, tokens)
+    return self.learner.token_log_probs(ref_logits, tokens)[1]
+
+  def _local_keys(self, key):
+    """Per-row (reset, sample) keys of this device's rows of the global batch."""
+    rc = self.rollout_config
+    reset_keys, sample_keys = rollout_lib.rollout_keys(key, rc.num_envs, rc.group_size)
+    if self.axis_name is not None:
+      n = reset_keys.shape[0] // self.num_devices
+      start = jax.lax.axis_index(self.axis_name) * n
+      reset_keys = jax.lax.dynamic_slice_in_dim(reset_keys, start, n)
+      sample_keys = jax.lax.dynamic_slice_in_dim(sample_keys, start, n)
+    return reset_keys, sample_keys
 
   # --- init / SFT --------------------------------------------------------------------------
   def init(self, key) -> TrainState:
     k_model, k_rng = jax.random.split(key)
-    checkpoint = self.config.model.get("checkpoint", "")
+    checkpoint = section_dict(self.config.model).get("checkpoint", "")
     if checkpoint:  # a Hugging Face checkpoint's weights (streamed in by a host callback)
       from mtrl_jax.models import hf
       params = hf.actor_critic_from_checkpoint(self.model_config, checkpoint,
@@ -290,7 +296,7 @@ class Trainer:
     """Behaviour cloning on `sft.batch_size` freshly generated (noisy) expert episodes."""
     rng, k_demo = jax.random.split(state.rng if key is None else key)
     demos = envs_demos.demonstrations(self.env, self.demo_params, k_demo,
-                                      self.config.sft.batch_size, self.rollout_config.max_len)
+                                      self.sft.batch_size, self.rollout_config.max_len)
     state, metrics = self.sft_update(state.replace(rng=rng), demos.tokens, demos.loss_mask)
     return state, dict(metrics, **{"sft/demo_success": jnp.mean(demos.info["success"])})
 
@@ -300,7 +306,7 @@ class Trainer:
     tokens. Loss: mean negative log-likelihood over those tokens."""
 
     def loss_fn(params):
-      _, logp, _ = self._forward(params, tokens)
+      logp, _, _ = self._forward(params, tokens)
       return -losses.aggregate(logp, loss_mask, "token_mean")
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -315,195 +321,72 @@ class Trainer:
 
   # --- RL ------------------------------------------------------------------------------------
   def train_step(self, state: TrainState, key=None):
-    algo, rc = self.algo, self.rollout_config
+    """One RL step: collect -> score -> advantages -> update (see the module docstring)."""
+    algo, reduce = self.algo, self.reduce
     rng, k_roll, k_perm = jax.random.split(state.rng if key is None else key, 3)
-    reset_keys, sample_keys = rollout_lib.rollout_keys(k_roll, rc.num_envs, rc.group_size)
-    if self.axis_name is not None:  # this device's rows of the global batch
-      n = reset_keys.shape[0] // self.num_devices
-      start = jax.lax.axis_index(self.axis_name) * n
-      reset_keys = jax.lax.dynamic_slice_in_dim(reset_keys, start, n)
-      sample_keys = jax.lax.dynamic_slice_in_dim(sample_keys, start, n)
+    if self.axis_name is not None:  # each device permutes its own rows
       k_perm = jax.random.fold_in(k_perm, jax.lax.axis_index(self.axis_name))
-    if self.reflexion is None:
-      traj = self.rollout.rows(state.params["policy"], reset_keys, sample_keys, self.env_params)
-    else:  # N trials of the same tasks with memory; all N*B episodes are trained on
-      trials = self.reflexion(state.params["policy"], reset_keys, sample_keys, self.env_params)
-      traj = reflexion_lib.flatten_trials(trials.trajs)
+    reset_keys, sample_keys = self._local_keys(k_roll)
+
+    # 1. Collect episodes with the current policy.
+    collected = self.collect(state.params["policy"], reset_keys, sample_keys, self.env_params,
+                             reduce)
+    traj = collected.traj
     B, T = traj.tokens.shape
-    K = traj.turn_end.shape[1]
-    mr_window = algo.get("mr_window", 0)
-    if mr_window:  # multiturn-aware reward: continuations of every turn (see the class doc)
-      mr, _ = rollout_lib.multiturn_aware_reward(
-          self.rollout.rows, state.params["policy"], traj, reset_keys, sample_keys,
-          window=mr_window, samples=algo.get("mr_samples", 1), env_params=self.env_params)
-      mr = jax.lax.stop_gradient(mr)
-
-    # One forward with the rollout's params: old log-probs, values, reference log-probs.
-    _, old_logp, values = self._forward(state.params, traj.tokens)
-    old_logp = jax.lax.stop_gradient(old_logp)
-    values = jnp.zeros((B, T)) if values is None else jax.lax.stop_gradient(values)
-    ref_logp = jnp.zeros_like(old_logp)
-    if algo.kl_coef:
-      ref_logits, _, _ = tf.apply(dataclasses.replace(self.model_config,
-                                                      value_head=not algo.separate_critic),
-                                  state.ref_params, traj.tokens)
-      ref_logp = losses.token_log_probs(self._log_probs(ref_logits), traj.tokens)
-      ref_logp = jnp.where(jnp.isfinite(ref_logp), ref_logp, 0.0)
-
     B_global = B * self.num_devices
-    written = written_mask(traj.tokens)
-    last_pos = jnp.maximum(jnp.sum(written, axis=1) - 1, 0)                     # [B]
-    mask = traj.loss_mask
-    if not algo.mask_replies:  # ablation: replies enter the loss too (Search-R1's point)
-      started = jnp.cumsum(traj.turn >= 0, axis=1) > 0
-      mask = mask | (started & (traj.turn < 0) & written)
-    # Ablation: drop truncated (overlong) episodes from the loss. The default keeps them: in RL
-    # for SWE agents, filtering them hid looping failures.
-    kept_rows = (~traj.truncated if not algo.get("keep_truncated", True)
-                 else jnp.ones((B,), bool))
-    mask = mask & kept_rows[:, None]
 
-    # Rewards: environment rewards per turn, plus shaping on the last turn.
-    turn_len = jnp.sum(traj.turn[:, :, None] == jnp.arange(K), axis=1)  # [B, K]
-    turn_start = jnp.maximum(traj.turn_end - turn_len + 1, 1)
-    rewards = traj.turn_reward
-    last_turn = jnp.maximum(jnp.sum(traj.turn_valid, axis=1) - 1, 0)
-    last_onehot = jax.nn.one_hot(last_turn, K) * traj.turn_valid
-    if algo.overlong_len:
-      penalty = advantages.overlong_penalty(jnp.sum(traj.loss_mask, axis=1), algo.overlong_len,
-                                            algo.overlong_cache)
-      rewards = rewards + penalty[:, None] * last_onehot
-    kl_tok = losses.kl_estimate(old_logp, ref_logp, algo.kl_kind) if algo.kl_coef else 0.0
-    if algo.kl_coef and algo.kl_in_reward:
-      kl_turn = jnp.sum(jnp.where(mask[:, :, None] & (traj.turn[:, :, None] == jnp.arange(K)),
-                                  kl_tok[:, :, None], 0.0), axis=1)
-      rewards = rewards - algo.kl_coef * kl_turn
-    returns = jnp.sum(rewards * traj.turn_valid, axis=1)  # [B]
-    gamma_turn = algo.gamma_turn
-    if mr_window:  # MR replaces the environment's reward of each turn; no credit carried over
-      rewards = rewards - traj.turn_reward + mr
-      gamma_turn = 0.0
+    # 2. Score them with the rollout's params (old log-probs, values) and the reference.
+    old_logp, _, values = jax.lax.stop_gradient(self._forward(state.params, traj.tokens))
+    values = jnp.zeros((B, T)) if values is None else values
+    ref_logp = (self._reference_logp(state.ref_params, traj.tokens) if algo.kl_coef
+                else jnp.zeros_like(old_logp))
+    kl_tok = losses.kl_estimate(old_logp, ref_logp, algo.kl_kind) if algo.kl_coef else None
+    scored = scoring.score(traj, algo, kl_tok=kl_tok,
+                           turn_reward_override=collected.turn_reward)
+    mask = scored.mask
 
-    # Advantages and value targets.
-    bootstrap = values[jnp.arange(B), last_pos]
-    v_mask = jnp.zeros((B, T), bool)
-    v_target = jnp.zeros((B, T))
-    if algo.advantage == "turn_gae":
-      v_pos = turn_start - 1  # the token before a turn: the state the agent acts from
-      turn_values = jnp.take_along_axis(values, v_pos, axis=1)
-      adv_turn, ret_turn = advantages.turn_gae(rewards, turn_values, traj.turn_valid,
-                                               traj.done, bootstrap, gamma_turn, algo.lam)
-      # Each trained token takes the advantage of its turn; with mask_replies=False a reply
-      # token takes the advantage of the turn it answers (the last turn before it).
-      owner = jnp.where(mask, jax.lax.cummax(traj.turn, axis=1), -1)
-      adv = advantages.broadcast_to_tokens(adv_turn, owner)
-      rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, K))
-      v_pos_w = jnp.where(traj.turn_valid, v_pos, T)
-      v_mask = v_mask.at[rows, v_pos_w].set(True, mode="drop")
-      v_target = v_target.at[rows, v_pos_w].set(ret_turn, mode="drop")
-    elif algo.advantage == "token_gae":
-      tok_rewards = jnp.zeros((B, T)).at[
-          jnp.broadcast_to(jnp.arange(B)[:, None], (B, K)),
-          jnp.where(traj.turn_valid, traj.turn_end, T)].add(rewards, mode="drop")
-      prev_values = jnp.concatenate([jnp.zeros((B, 1)), values[:, :-1]], axis=1)
-      adv, ret = advantages.token_gae(tok_rewards, prev_values, mask, algo.gamma_turn, algo.lam,
-                                      traj.done, bootstrap)
-      # The value predicting token t's return sits at t - 1.
-      v_mask = jnp.concatenate([mask[:, 1:], jnp.zeros((B, 1), bool)], axis=1)
-      v_target = jnp.concatenate([ret[:, 1:], jnp.zeros((B, 1))], axis=1)
-    else:
-      seq_adv = (advantages.group_advantages(returns, rc.group_size,
-                                             scale_by_std=algo.scale_by_std)
-                 if algo.advantage == "grpo" else
-                 advantages.rloo_advantages(returns, rc.group_size))
-      adv = jnp.broadcast_to(seq_adv[:, None], (B, T))
-    if algo.normalize_adv and algo.advantage in ("turn_gae", "token_gae"):
-      n = jnp.maximum(self._sum(jnp.sum(mask)), 1)
-      mean = self._sum(jnp.sum(jnp.where(mask, adv, 0.0))) / n
-      std = jnp.sqrt(self._sum(jnp.sum(jnp.where(mask, (adv - mean) ** 2, 0.0))) / n)
-      adv = (adv - mean) / (std + 1e-6)
-    weights = jnp.ones((B,))
-    # Groups whose returns are all equal carry no GRPO/RLOO signal (DAPO's motivation): their
-    # fraction is logged always; dynamic sampling also weights them out.
-    frac_kept = jnp.float32(1.0)
-    if rc.group_size > 1:
-      ds_weights, frac_kept = advantages.dynamic_sampling_weights(returns, rc.group_size)
-    if algo.dynamic_sampling:
-      weights = ds_weights
-      if self.axis_name is not None:  # renormalise over the global batch, not this device's
-        kept = weights > 0
-        num_kept = self._sum(jnp.sum(kept))
-        weights = jnp.where(kept, B_global / jnp.maximum(num_kept, 1).astype(jnp.float32), 0.0)
-    adv = jnp.where(mask, adv * weights[:, None], 0.0)
-    tis = jnp.ones((B, T))
-    if algo.tis_cap:
-      tis = losses.truncated_importance_weights(old_logp, traj.sampler_logprob,
-                                                traj.loss_mask, algo.tis_cap)
+    # 3. Advantages on tokens, with the named estimator.
+    targets = self.estimator.fn(traj, scored, values, algo=algo,
+                                group_size=self.rollout_config.group_size)
+    adv = targets.adv
+    if algo.normalize_adv and self.estimator.uses_critic:
+      adv = estimators.normalize(adv, mask, reduce)
+    weights, frac_kept = estimators.group_weights(
+        scored.returns, self.rollout_config.group_size, dynamic_sampling=algo.dynamic_sampling,
+        reduce=reduce, global_rows=B_global if self.axis_name is not None else None)
+    tis = (losses.truncated_importance_weights(old_logp, traj.sampler_logprob, traj.loss_mask,
+                                               algo.tis_cap)
+           if algo.tis_cap else jnp.ones((B, T)))
+    v_mask = targets.v_mask & scored.kept_rows[:, None]
+    batch = objective.Minibatch(
+        tokens=traj.tokens, mask=mask, adv=jnp.where(mask, adv * weights[:, None], 0.0),
+        old_logp=old_logp, ref_logp=ref_logp, old_values=values, v_mask=v_mask,
+        v_target=targets.v_target, tis=tis)
 
-    v_mask = v_mask & kept_rows[:, None]
-    batch = dict(tokens=traj.tokens, mask=mask, adv=adv, old_logp=old_logp, ref_logp=ref_logp,
-                 old_values=values, v_mask=v_mask, v_target=v_target, tis=tis)
+    # 4. Update: epochs x minibatches of the PPO/DAPO loss with global-batch denominators.
     M = algo.minibatches
-    # Global-batch denominators: a device's minibatch loss is its share of the global one.
-    denom = dict(num_tokens=jnp.maximum(self._sum(jnp.sum(mask)), 1) / M,
-                 num_seqs=B_global // M, max_len=T)
-    v_denom = dict(num_tokens=jnp.maximum(self._sum(jnp.sum(v_mask)), 1) / M,
-                   num_seqs=B_global // M, max_len=T)
+    denom = objective.Denominators(jnp.maximum(reduce(jnp.sum(mask)), 1) / M, B_global // M, T)
+    v_denom = objective.Denominators(jnp.maximum(reduce(jnp.sum(v_mask)), 1) / M,
+                                     B_global // M, T)
+    loss_fn = lambda p, mb: objective.ppo_loss(p, mb, forward=self._forward, algo=algo,
+                                               denom=denom, v_denom=v_denom)
+    params, opt_state, skipped, update_metrics = ppo_update(
+        state.params, state.opt_state, batch, k_perm, loss_fn=loss_fn, optimizer=self.rl_opt,
+        epochs=algo.epochs, minibatches=M, reduce=reduce)
 
-    def loss_fn(params, mb):
-      logp_all, logp, new_values = self._forward(params, mb["tokens"])
-      pg, clipped = losses.clipped_surrogate(
-          logp, mb["old_logp"], mb["adv"], eps_low=algo.eps_low, eps_high=algo.eps_high,
-          dual_clip=algo.dual_clip or None)
-      pg_loss = losses.aggregate(pg * mb["tis"], mb["mask"], algo.loss_agg, **denom)
-      entropy = losses.aggregate(losses.entropy_from_logits(logp_all), mb["mask"], "token_mean",
-                                 **denom)
-      total = pg_loss - algo.ent_coef * entropy
-      metrics = {"clip_frac": losses.aggregate(clipped.astype(jnp.float32), mb["mask"],
-                                               "token_mean", **denom),
-                 "entropy": entropy, "pg_loss": pg_loss}
-      if algo.kl_coef:
-        kl = losses.aggregate(losses.kl_estimate(logp, mb["ref_logp"], algo.kl_kind),
-                              mb["mask"], "token_mean", **denom)
-        metrics["kl"] = kl
-        if not algo.kl_in_reward:
-          total = total + algo.kl_coef * kl
-      if new_values is not None and algo.vf_coef:
-        vl = losses.value_loss(new_values, mb["old_values"], mb["v_target"],
-                               clip_eps=algo.value_clip or None)
-        vl = losses.aggregate(vl, mb["v_mask"], "token_mean", **v_denom)
-        total = total + algo.vf_coef * vl
-        metrics["value_loss"] = vl
-      return total, metrics
+    metrics = self._step_metrics(traj, scored.returns, old_logp, frac_kept, skipped,
+                                 update_metrics, collected.metrics)
+    state = state.replace(params=params, opt_state=opt_state, step=state.step + 1, rng=rng)
+    return state, metrics
 
-    def minibatch_step(carry, mb):
-      params, opt_state, skipped = carry
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-      loss, metrics, grads = self._sum((loss, metrics, grads))
-      finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-          [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-      updates, new_opt = self.rl_opt.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
-      # A non-finite loss or gradient skips the update (and is counted), never poisons params.
-      params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
-      opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt, opt_state)
-      metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-      return (params, opt_state, skipped + (~finite).astype(jnp.int32)), metrics
-
-    def epoch(carry, key):
-      perm = jax.random.permutation(key, B).reshape(M, B // M)
-      mbs = jax.tree.map(lambda x: x[perm], batch)
-      return jax.lax.scan(minibatch_step, carry, mbs)
-
-    (params, opt_state, skipped), metrics = jax.lax.scan(
-        epoch, (state.params, state.opt_state, jnp.int32(0)),
-        jax.random.split(k_perm, algo.epochs))
-    metrics = jax.tree.map(jnp.mean, metrics)
-
+  def _step_metrics(self, traj, returns, old_logp, frac_kept, skipped, update_metrics,
+                    extra) -> dict[str, jax.Array]:
+    """`train/*` metrics over the global batch: the update's, the episodes', the collector's."""
+    reduce, B_global = self.reduce, traj.tokens.shape[0] * self.num_devices
     info = traj.info
-    n_sampled = jnp.maximum(self._sum(jnp.sum(traj.loss_mask)), 1)
-    mean = lambda x: self._sum(jnp.sum(x.astype(jnp.float32))) / B_global
-    out = {f"train/{k}": v for k, v in metrics.items()}
+    n_sampled = jnp.maximum(reduce(jnp.sum(traj.loss_mask)), 1)
+    mean = lambda x: reduce(jnp.sum(x.astype(jnp.float32))) / B_global
+    out = {f"train/{k}": v for k, v in update_metrics.items()}
     out.update({
         "train/return": mean(returns),
         "train/success_rate": mean(info["success"]),
@@ -512,25 +395,15 @@ class Trainer:
         "train/turns": mean(jnp.sum(traj.turn_valid, axis=1)),
         "train/truncated": mean(traj.truncated),
         "train/sampled_tokens": n_sampled.astype(jnp.float32),
-        "train/logprob_agreement": self._sum(jnp.sum(jnp.where(
+        "train/logprob_agreement": reduce(jnp.sum(jnp.where(
             traj.loss_mask, jnp.abs(old_logp - traj.sampler_logprob), 0.0))) / n_sampled,
-        "train/frac_groups_kept": self._sum(frac_kept) / self.num_devices,
+        "train/frac_groups_kept": reduce(frac_kept) / self.num_devices,
         "train/nan_skipped": skipped.astype(jnp.float32),
     })
-    if self.reflexion is not None:  # per-trial success of the multi-trial episodes
-      n_rows = self.num_devices * trials.success.shape[1]
-      out["train/success_first_trial"] = self._sum(jnp.sum(trials.success[0])) / n_rows
-      out["train/success_last_trial"] = self._sum(jnp.sum(trials.success[-1])) / n_rows
-      out["train/solved_any_trial"] = self._sum(jnp.sum(trials.solved[-1])) / n_rows
-    if mr_window:
-      out["train/mr_mean"] = (self._sum(jnp.sum(jnp.where(traj.turn_valid, mr, 0.0)))
-                              / jnp.maximum(self._sum(jnp.sum(traj.turn_valid)), 1))
-    if not algo.kl_coef:
-      out["train/kl"] = jnp.float32(0.0)
-    if "train/value_loss" not in out:
-      out["train/value_loss"] = jnp.float32(0.0)
-    state = state.replace(params=params, opt_state=opt_state, step=state.step + 1, rng=rng)
-    return state, out
+    out.update(extra)
+    out.setdefault("train/kl", jnp.float32(0.0))
+    out.setdefault("train/value_loss", jnp.float32(0.0))
+    return out
 
   def evaluate(self, params, key):
     """Greedy rollouts of `train.eval_envs` episodes: success, return, tool calls, turns,
@@ -557,14 +430,13 @@ class Trainer:
     """
     state = self.init(key)
     state, sft_metrics = jax.lax.scan(lambda s, _: self.sft_step(s), state, None,
-                                      length=self.config.sft.steps)
+                                      length=self.sft.steps)
     state = self.start_rl(state)
     state, rl_metrics = jax.lax.scan(lambda s, _: self.train_step(s), state, None,
-                                     length=self.config.train.steps)
+                                     length=self.train_config.steps)
     return state, {"sft": sft_metrics, "rl": rl_metrics}
 
 
 def make_train(config) -> Trainer:
   """Validate `config` (errors name the key, before any compilation) and build the trainer."""
   return Trainer(config)
-

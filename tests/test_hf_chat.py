@@ -24,6 +24,7 @@ tokenizers = pytest.importorskip("tokenizers", reason="needs the hf extra: pip i
 pytest.importorskip("safetensors", reason="needs the hf extra: pip install -e .[hf]")
 pytest.importorskip("jinja2", reason="needs the hf extra: pip install -e .[hf]")
 
+from mtrl_jax import policy as policy_lib  # noqa: E402
 from mtrl_jax import rollout as rollout_lib  # noqa: E402
 from mtrl_jax import tasks as tasks_lib  # noqa: E402
 from mtrl_jax import vocab as V  # noqa: E402
@@ -199,7 +200,7 @@ def test_chatml_reply_pieces_and_budget(chatml_dir):
 
 def test_never_sampled_and_symbols(chatml_dir):
   tok = chat.ChatTokenizer.from_dir(chatml_dir)
-  mask = rollout_lib.never_sampled_mask(tok, tok.size + 7)
+  mask = policy_lib.never_sampled_mask(tok, tok.size + 7)
   chex.assert_shape(mask, (tok.size + 7,))
   assert set(np.nonzero(mask)[0]) == {tok.id("<|im_start|>"), tok.id("<|endoftext|>"),
                                       *range(tok.size, tok.size + 7)}

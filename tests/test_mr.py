@@ -132,7 +132,7 @@ def test_mr_of_an_expert_continuation_equals_a_python_reference(window):
   ro, _ = rows_fn(force_expert=True)
   reset, sample = R.rollout_keys(jax.random.key(3), 8, 1)
   traj = jax.jit(ro.rows)(params, reset, sample, noisy)
-  mr, cont = jax.jit(functools.partial(R.multiturn_aware_reward, ro.rows, window=window,
+  mr, cont = jax.jit(functools.partial(R.multiturn_aware_reward, ro, window=window,
                                        samples=2, env_params=env_params))(
       params, traj, reset, sample)
   assert mr.shape == traj.turn_valid.shape and cont.tokens.shape[0] == 8 * env.max_turns * 2
@@ -149,7 +149,7 @@ def test_mr_equals_separately_run_continuations():
   traj, reset, sample = recorded(key=2)
   ro_greedy, play = rows_fn(greedy=True)
   window = 2
-  mr, _ = jax.jit(functools.partial(R.multiturn_aware_reward, ro_greedy.rows, window=window,
+  mr, _ = jax.jit(functools.partial(R.multiturn_aware_reward, ro_greedy, window=window,
                                     env_params=env_params))(
       params, traj, reset, sample)
   actions, _ = R.turn_actions(traj, CFG.turn_budget)

@@ -14,6 +14,7 @@ from ml_collections import config_dict
 from mtrl_jax import reflexion as RX
 from mtrl_jax import rollout as R
 from mtrl_jax import train as train_lib
+from mtrl_jax.rl import collect as collect_lib
 from mtrl_jax import vocab as V
 from mtrl_jax.envs import registry
 from mtrl_jax.models import transformer as tf
@@ -295,12 +296,12 @@ def test_meta_training_trains_on_every_trial():
   config = meta_config(train_trials=3, memory=1)
   config.algo.ent_coef = 0.01
   trainer = train_lib.make_train(config)
-  assert trainer.reflexion is not None
+  assert isinstance(trainer.collect, collect_lib.ReflexionTrials)
   state = trainer.start_rl(trainer.init(jax.random.key(0)))
   # The update's batch is the 3 trials' 4 episodes each.
   reset_keys, sample_keys = keys(4)
   shapes = jax.eval_shape(lambda p: RX.flatten_trials(
-      trainer.reflexion(p, reset_keys, sample_keys, trainer.env_params).trajs),
+      trainer.collect.play(p, reset_keys, sample_keys, trainer.env_params).trajs),
       state.params["policy"])
   assert shapes.tokens.shape == (12, trainer.rollout_config.max_len)
   new, metrics = jax.jit(trainer.train_step)(state, jax.random.key(1))
@@ -308,24 +309,25 @@ def test_meta_training_trains_on_every_trial():
     assert 0.0 <= float(metrics[k]) <= 1.0
   # The per-trial metrics read the right trial, over its 4 tasks (an untrained policy solves
   # nothing, so give the trial loop's result a known pattern).
-  play = trainer.reflexion
+  play = trainer.collect.play
 
   def patterned(*args):
     out = play(*args)
     success = jnp.asarray([[1, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]], bool)
     return out.replace(success=success, solved=jnp.cumsum(success, axis=0) > 0)
 
-  trainer.reflexion = patterned
+  trainer.collect.play = patterned
   _, metrics = jax.jit(trainer.train_step)(state, jax.random.key(1))
   assert float(metrics["train/success_first_trial"]) == 0.5
   assert float(metrics["train/success_last_trial"]) == 0.25
   assert float(metrics["train/solved_any_trial"]) == 0.75
-  trainer.reflexion = play
+  trainer.collect.play = play
   # A real gradient (an untrained policy earns no reward here: the entropy bonus gives one; the
   # first RL update itself is scaled by the warm-up's lr of 0).
   assert np.isfinite(float(metrics["train/grad_norm"])) and float(metrics["train/grad_norm"]) > 0
   assert int(new.step) == 1
-  assert train_lib.make_train(meta_config(train_trials=1)).reflexion is None
+  assert isinstance(train_lib.make_train(meta_config(train_trials=1)).collect,
+                    collect_lib.PlainRollout)
 
 
 def test_meta_config_errors():

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtrl_jax import rlag
+from experiments import rlag_study as rlag
 from mtrl_jax import vocab as V
 from mtrl_jax.envs import facts as F
 from mtrl_jax.models import transformer as tf

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mtrl_jax import policy as policy_lib
 from mtrl_jax import rollout as R
 from mtrl_jax import types
 from mtrl_jax import vocab as V
@@ -122,15 +123,15 @@ def test_sampler_logprob_matches_teacher_forced_forward(temperature):
   traj = run("calculator", temperature=temperature)
   logits, _, _ = jax.jit(lambda p, t: tf.apply(dataclasses.replace(cfg, value_head=False), p, t))(
       params, jnp.asarray(traj.tokens))
-  banned = jnp.asarray(R.never_sampled_mask(env.vocab, cfg.vocab_size))
-  logp = R.sampling_log_probs(logits[:, :-1], banned, temperature=temperature)
+  banned = jnp.asarray(policy_lib.never_sampled_mask(env.vocab, cfg.vocab_size))
+  logp = policy_lib.sampling_log_probs(logits[:, :-1], banned, temperature=temperature)
   token_logp = np.take_along_axis(np.asarray(logp), traj.tokens[:, 1:, None], -1)[..., 0]
   mask = traj.loss_mask[:, 1:]
   assert mask.sum() > 100
   np.testing.assert_allclose(token_logp[mask], traj.sampler_logprob[:, 1:][mask], atol=1e-4)
   # And the temperature matters: scoring at temperature 1 disagrees when sampling was at 0.7.
   if temperature != 1.0:
-    logp1 = R.sampling_log_probs(logits[:, :-1], banned, temperature=1.0)
+    logp1 = policy_lib.sampling_log_probs(logits[:, :-1], banned, temperature=1.0)
     t1 = np.take_along_axis(np.asarray(logp1), traj.tokens[:, 1:, None], -1)[..., 0]
     assert np.abs(t1[mask] - traj.sampler_logprob[:, 1:][mask]).max() > 1e-2
 
@@ -304,16 +305,16 @@ def test_python_tool_errors_become_replies():
 def test_sampling_log_probs_top_k_top_p_and_bans():
   logits = jnp.log(jnp.asarray([[0.05, 0.4, 0.1, 0.3, 0.15]]))
   banned = jnp.asarray([True, False, False, False, False])
-  full = np.exp(np.asarray(R.sampling_log_probs(logits, banned)))[0]
+  full = np.exp(np.asarray(policy_lib.sampling_log_probs(logits, banned)))[0]
   np.testing.assert_allclose(full, np.array([0, 0.4, 0.1, 0.3, 0.15]) / 0.95, rtol=1e-5)
   # top-k = 2 keeps the two most likely allowed tokens, renormalised.
-  k2 = np.exp(np.asarray(R.sampling_log_probs(logits, banned, top_k=2)))[0]
+  k2 = np.exp(np.asarray(policy_lib.sampling_log_probs(logits, banned, top_k=2)))[0]
   np.testing.assert_allclose(k2, [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0], rtol=1e-5)
   # top-p = 0.8 keeps the smallest prefix (by probability) whose mass reaches 0.8:
   # 0.42 + 0.32 = 0.74 < 0.8, so the third token (0.16) is kept too.
-  p8 = np.exp(np.asarray(R.sampling_log_probs(logits, banned, top_p=0.8)))[0]
+  p8 = np.exp(np.asarray(policy_lib.sampling_log_probs(logits, banned, top_p=0.8)))[0]
   kept = np.array([0, 0.4, 0, 0.3, 0.15]) / 0.85
   np.testing.assert_allclose(p8, kept, rtol=1e-5)
   # Temperature sharpens: T -> small puts almost all mass on the argmax.
-  cold = np.exp(np.asarray(R.sampling_log_probs(logits, banned, temperature=0.05)))[0]
+  cold = np.exp(np.asarray(policy_lib.sampling_log_probs(logits, banned, temperature=0.05)))[0]
   assert cold[1] > 0.99

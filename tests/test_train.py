@@ -192,7 +192,7 @@ def test_every_config_builds(name):
       train_lib.make_train(config)
     return
   if name == "rlag":  # its own program (experiments/rlag.py), not a Trainer config
-    from mtrl_jax import rlag
+    from experiments import rlag_study as rlag
     rlag.make_train(config)
     return
   if name == "search_think":  # two phases, as its docstring runs them: SFT at the

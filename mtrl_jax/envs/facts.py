@@ -1,6 +1,7 @@
 """Facts: a synthetic knowledge base the model cannot know, and questions about it.
 
-Used by `mtrl_jax.rlag` (knowledge internalisation: continued pre-training vs SFT vs RLAG).
+Used by `experiments/rlag_study.py` (knowledge internalisation: continued pre-training vs SFT vs
+RLAG).
 Not a multi-turn environment: every question is one prompt and one answer, so this module gives
 pure, vmappable *rendering* functions (knowledge base -> token arrays) rather than
 `reset`/`step`; `Facts.score` grades a generated answer.

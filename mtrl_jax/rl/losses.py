@@ -210,7 +210,7 @@ def token_log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   `Trajectory.sampler_logprob` and `loss_mask`, so `out` can be compared with
   `sampler_logprob` and masked with `loss_mask` directly. The last position's logits are unused.
   To match the sampler exactly pass the distribution it sampled from, e.g.
-  `rollout.sampling_log_probs(logits, ...)` (log-softmax is idempotent).
+  `mtrl_jax.policy.Policy.log_probs(logits)` (log-softmax is idempotent).
 
   Args:
     logits: [B, T, V] model outputs for the stream `tokens`.

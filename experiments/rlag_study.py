@@ -75,12 +75,16 @@ Where it differs, and why:
    -log sigmoid(z) ~ -z: every pair's terms get full weight, instead of sigma(-z) ~ 0.5-0.7 here.
    `--config.rlag.gamma=8` runs that variant (RESULTS.md section 9 reports both).
 
-Sampling is a plain full-forward loop (`generate`), not `mtrl_jax.rollout`: questions are one
-turn, prompts are left-padded so every response starts at the same position, and at these
-lengths (18 + 12 tokens) recomputing the forward each step is cheap. Log-probs use
-`rollout.sampling_log_probs` (the rollout's banned tokens and temperature) and
-`rl.losses.token_log_probs`; masks gate every loss: prompt and fact tokens never enter a
-response's loss, only the response tokens (up to its `<eot>`) do.
+Generation (`Model.generate`) is the project's fused rollout (`mtrl_jax.rollout`) on a one-turn
+environment whose prompt comes in per-row params (`mtrl_jax.reflexion.PromptEnv`): KV-cache
+sampling, a response of at most `response_len` tokens whose last is forced to `<eot>`. Scoring
+keeps its own layout (prompts left-padded so every response starts at the same position) and
+uses the same `mtrl_jax.policy.Policy` as the rollout (banned tokens, temperature), so sampled
+and scored distributions agree by construction. Masks gate every loss: prompt and fact tokens
+never enter a response's loss, only the response tokens (up to its `<eot>`) do.
+
+This study lives in experiments/ (its runner is `python -m experiments.rlag`): it is one
+experiment with its own training loop, not part of the library.
 
 Everything is a pure function of params and keys; `Runner` jits the phases and vmaps them over
 seeds (`jax.vmap` over keys, the PureJaxRL idiom).
@@ -88,6 +92,7 @@ seeds (`jax.vmap` over keys, the PureJaxRL idiom).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -95,11 +100,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtrl_jax import reflexion as reflexion_lib
 from mtrl_jax import rollout as rollout_lib
 from mtrl_jax import vocab as V
 from mtrl_jax.envs import facts as facts_lib
 from mtrl_jax.envs.facts import Facts, Question
 from mtrl_jax.models import transformer as tf
+from mtrl_jax.policy import Policy
 from mtrl_jax.rl import losses
 
 ARMS = ("cpt", "sft", "rlag")
@@ -187,11 +194,22 @@ class Model:
   of attention.
   """
 
-  def __init__(self, config: tf.ModelConfig, vocab: V.Vocab, temperature: float = 1.0):
+  def __init__(self, config: tf.ModelConfig, vocab: V.Vocab, prompt_width: int,
+               response_width: int, temperature: float = 1.0):
     self.config = config
     self.vocab = vocab
     self.temperature = float(temperature)
-    self.banned = jnp.asarray(rollout_lib.never_sampled_mask(vocab, config.vocab_size))
+    self.policy = Policy.for_vocab(vocab, config.vocab_size, temperature=self.temperature)
+    self.banned = self.policy.banned
+    self.P, self.G = prompt_width, response_width
+    # One agent turn of G tokens after the prompt (the reply slot of 1 is never used).
+    env = reflexion_lib.PromptEnv(vocab, prompt_width, reply_len=1)
+    rc = rollout_lib.RolloutConfig(num_envs=1, max_len=prompt_width + response_width + 1,
+                                   turn_budget=response_width, max_turns=1,
+                                   temperature=self.temperature)
+    self.rollouts = {greedy: rollout_lib.make_rollout(env, config,
+                                                      dataclasses.replace(rc, greedy=greedy))
+                     for greedy in (False, True)}
 
   def log_probs(self, params, tokens: jax.Array, plen: jax.Array, prompt_width: int):
     """tokens [B, L] -> [B, L, V] log-probs of the sampling distribution."""
@@ -201,7 +219,7 @@ class Model:
     positions = jnp.maximum(idx - n_pad[:, None], 0)
     key_mask = idx >= n_pad[:, None]
     logits, _, _ = tf.apply(self.config, params, tokens, positions, key_mask=key_mask)
-    return rollout_lib.sampling_log_probs(logits, self.banned, temperature=self.temperature)
+    return self.policy.log_probs(logits)
 
   def response_logp(self, params, prompt: jax.Array, plen: jax.Array, response: jax.Array):
     """Token log-probs of a response given its prompt: [B, G] (log p(response[:, g] | prompt,
@@ -213,28 +231,22 @@ class Model:
 
   def generate(self, params, prompt: jax.Array, plen: jax.Array, key: jax.Array, width: int,
                greedy: bool = False):
-    """Sample responses: (tokens [B, width] int32, right-padded after the first `<eot>`;
-    lengths [B] int32, up to and including that `<eot>`, or `width` if none)."""
+    """Sample responses with the fused rollout: (tokens [B, width] int32, right-padded after
+    the response's `<eot>`; lengths [B] int32, up to and including that `<eot>`, which is
+    forced at the last of the `width` tokens if the policy has not emitted it before).
+
+    prompt: [B, P] int32 left-padded, plen: [B] its lengths; key: one PRNG key (row b samples
+    with `split(key, B)[b]`); greedy (static): argmax decoding."""
+    if width != self.G:
+      raise ValueError(f"generate: width={width}, but the rollout was built for {self.G}")
     B, P = prompt.shape
-    eot = self.vocab.eot_id
-    buf = jnp.concatenate([prompt, jnp.zeros((B, width), jnp.int32)], axis=1)
-
-    def body(t, carry):
-      buf, done, key = carry
-      key, k = jax.random.split(key)
-      lp = self.log_probs(params, buf, plen, P)
-      lp_t = jax.lax.dynamic_index_in_dim(lp, P + t - 1, axis=1, keepdims=False)   # [B, V]
-      tok = jnp.argmax(lp_t, axis=-1) if greedy else jax.random.categorical(k, lp_t)
-      tok = jnp.where(done, V.PAD_ID, tok).astype(jnp.int32)
-      buf = jax.lax.dynamic_update_index_in_dim(buf, tok, P + t, axis=1)
-      return buf, done | (tok == eot), key
-
-    buf, done, _ = jax.lax.fori_loop(0, width, body, (buf, jnp.zeros((B,), bool), key))
-    resp = buf[:, P:]
-    is_eot = resp == eot
-    first = jnp.argmax(is_eot, axis=1)
-    lengths = jnp.where(jnp.any(is_eot, axis=1), first + 1, width).astype(jnp.int32)
-    return resp, lengths
+    right = jax.vmap(lambda p, n: jnp.roll(p, n - P))(prompt, plen)   # [prompt, pad ..]
+    keys = jax.random.split(key, B)
+    traj = self.rollouts[bool(greedy)].rows(
+        params, keys, keys, reflexion_lib.PromptParams(right, plen), env_params_per_row=True)
+    lengths = jnp.sum(traj.turn == 0, axis=1).astype(jnp.int32)
+    resp = jax.vmap(lambda row, n: jax.lax.dynamic_slice(row, (n,), (width,)))(traj.tokens, plen)
+    return jnp.where(jnp.arange(width) < lengths[:, None], resp, V.PAD_ID), lengths
 
 
 def explanation_then_answer(vocab: V.Vocab, response: jax.Array, gold: jax.Array, width: int):
@@ -283,10 +295,11 @@ class Runner:
     model = dict(config.model)
     preset = model.pop("preset", "tiny")
     mc = tf.model_config(preset, self.facts.vocab.size, value_head=False, **model)
-    self.model = Model(mc, self.facts.vocab, temperature=config.rlag.temperature)
-    self.greedy_model = Model(mc, self.facts.vocab)
-    self.arms = parse_arms(config.train.arms)
     self.P, self.G = self.facts.prompt_len, self.facts.response_len
+    self.model = Model(mc, self.facts.vocab, self.P, self.G,
+                       temperature=config.rlag.temperature)
+    self.greedy_model = Model(mc, self.facts.vocab, self.P, self.G)
+    self.arms = parse_arms(config.train.arms)
     opt = lambda lr: optax.chain(optax.clip_by_global_norm(config.train.grad_clip),
                                  optax.adam(lr))
     self.warm_opt = opt(config.warm.lr)

@@ -1,0 +1,133 @@
+"""The policy's token distribution: what tokens are sampled from and scored under.
+
+One `Policy` object holds everything that turns model logits into the distribution of the next
+token: the ids the policy may never emit (`banned`: the environment's control tokens such as
+role headers and padding, and ids beyond the vocabulary), the temperature, and top-k / top-p
+truncation. The rollout samples with it and the learner scores with `policy.learner()`, the same
+distribution without the truncation, so sampler/learner agreement is structural:
+
+* at `top_k = 0`, `top_p = 1` the rollout's `sampler_logprob` and the learner's token log-probs
+  of the same params are the same computation, and the PPO ratio is exactly 1 before the first
+  update (tested);
+* with truncation they differ, which the train step reports (`train/logprob_agreement`) and can
+  correct (`algo.tis_cap`).
+
+Used by `mtrl_jax.rollout` (sampling), `mtrl_jax.train` (policy and reference scoring, SFT) and
+the RLAG study (`experiments/rlag_study.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtrl_jax import vocab as V
+from mtrl_jax.rl import losses
+
+# Control tokens of a symbol vocabulary the policy never emits (they are the environment's).
+NEVER_SAMPLED = (V.PAD, V.BOS, V.SYSTEM, V.USER, V.ASSISTANT, V.TOOL)
+
+
+def never_sampled_mask(vocab: V.TokenizerAdapter, vocab_size: int) -> np.ndarray:
+  """[V] bool: True for ids the policy may not emit (control tokens, ids beyond the vocab).
+
+  A tokenizer adapter with a `never_sampled_ids()` method (a real tokenizer's role headers,
+  `mtrl_jax.models.chat.ChatTokenizer`) names its own; a symbol `Vocab` bans `NEVER_SAMPLED`.
+  """
+  mask = np.zeros((vocab_size,), bool)
+  if hasattr(vocab, "never_sampled_ids"):
+    mask[list(vocab.never_sampled_ids())] = True
+  else:
+    mask[[vocab.id(s) for s in NEVER_SAMPLED if s in vocab]] = True
+  mask[vocab.size:] = True
+  return mask
+
+
+def sampling_log_probs(logits: jax.Array, banned: jax.Array, *, temperature: float = 1.0,
+                       top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Log-probabilities of the distribution tokens are sampled from.
+
+  Args:
+    logits: [..., V] float32 model logits.
+    banned: [V] bool, ids that are never sampled (their log-prob is -inf).
+    temperature: > 0, divides the logits.
+    top_k: keep the k largest (0 = all).
+    top_p: keep the smallest set of tokens whose mass reaches top_p (1.0 = all).
+
+  Returns:
+    [..., V] float32 normalised log-probabilities (-inf outside the support).
+  """
+  x = jnp.where(banned, -jnp.inf, logits.astype(jnp.float32) / temperature)
+  if top_k:
+    kth = jax.lax.top_k(x, top_k)[0][..., -1:]
+    x = jnp.where(x < kth, -jnp.inf, x)
+  if top_p < 1.0:
+    order = jnp.argsort(-x, axis=-1)
+    sorted_x = jnp.take_along_axis(x, order, axis=-1)
+    probs = jax.nn.softmax(sorted_x, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p
+    keep = jnp.zeros_like(keep_sorted).at[
+        tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
+    x = jnp.where(keep, x, -jnp.inf)
+  return jax.nn.log_softmax(x, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Policy:
+  """The next-token distribution of the policy, from model logits.
+
+  Attributes:
+    banned: [V] bool numpy array, ids never sampled (see `never_sampled_mask`).
+    temperature: > 0, divides the logits (also when scoring).
+    top_k: keep the k most likely tokens when sampling (0 = off).
+    top_p: nucleus mass when sampling (1.0 = off).
+  """
+
+  banned: np.ndarray
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  @classmethod
+  def for_vocab(cls, vocab: V.TokenizerAdapter, vocab_size: int, **kwargs) -> "Policy":
+    """The policy of a model with `vocab_size` logits talking through `vocab`."""
+    return cls(banned=never_sampled_mask(vocab, vocab_size), **kwargs)
+
+  def learner(self) -> "Policy":
+    """The same distribution without top-k / top-p: what the learner scores tokens under."""
+    return dataclasses.replace(self, top_k=0, top_p=1.0)
+
+  def log_probs(self, logits: jax.Array) -> jax.Array:
+    """[..., V] logits -> [..., V] log-probs of this distribution (-inf outside its support)."""
+    return sampling_log_probs(logits, jnp.asarray(self.banned), temperature=self.temperature,
+                              top_k=self.top_k, top_p=self.top_p)
+
+  def sample(self, key: jax.Array, logits: jax.Array, *,
+             greedy: bool = False) -> tuple[jax.Array, jax.Array]:
+    """One token from `logits` [V]: (token [] int32, its log-prob [] under this distribution).
+
+    `greedy`: the argmax of the distribution (its log-prob is still reported)."""
+    logp = self.log_probs(logits)
+    tok = jnp.argmax(logp, -1) if greedy else jax.random.categorical(key, logp)
+    return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[..., None], -1)[..., 0]
+
+  def token_log_probs(self, logits: jax.Array,
+                      tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Score a token stream: (log-probs [B, T, V], token log-probs [B, T]).
+
+    `token_logp[:, t] = log p(tokens[:, t] | tokens[:, :t])` (0 at t = 0), aligned with
+    `Trajectory.sampler_logprob` and `loss_mask`. Tokens the policy can never emit (prompt and
+    reply role headers, padding) have log-prob -inf under it; they are set to 0 here, so that
+    masked-out positions cannot turn into NaN gradients (0 * d exp(-inf - -inf)).
+
+    Args:
+      logits: [B, T, V] model logits for `tokens`.
+      tokens: [B, T] int32.
+    """
+    logp_all = self.log_probs(logits)
+    logp = losses.token_log_probs(logp_all, tokens)
+    return logp_all, jnp.where(jnp.isfinite(logp), logp, 0.0)

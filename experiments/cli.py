@@ -56,6 +56,23 @@ def _load_config(argv: list[str]):
   return None
 
 
+def config_error(e: Exception):
+  """Exit with a bad config's error as one line on stderr, exit code 2 (no traceback)."""
+  message = " ".join(str(e).split())
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def build_trainer(config):
+  """`mtrl_jax.train.make_train(config)`; a bad config (any section) exits via `config_error`
+  before anything is compiled."""
+  from mtrl_jax import train as train_lib
+  try:
+    return train_lib.make_train(config)
+  except ValueError as e:  # ConfigError, BudgetError, ...: every message names its setting
+    config_error(e)
+
+
 def init_from_run(source: str, init, start_rl, seed_keys):
   """Params of the latest checkpoint in the run directory `source` (or its `checkpoints/`)."""
   directory = os.path.join(source, "checkpoints")
@@ -93,12 +110,8 @@ def trained_run(config, run_dir: str | None):
   checkpoint as loaded (`model.preset="hf"`); for the package's own models, an untrained
   policy (said on stdout)."""
   import jax  # the flag plumbing above does not need JAX
-  from mtrl_jax import train as train_lib
-  try:
-    trainer = train_lib.make_train(config)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
-  seeds = int(config.train.num_seeds)
+  trainer = build_trainer(config)
+  seeds = trainer.train_config.num_seeds
   vmap = (lambda f: jax.vmap(f)) if seeds > 1 else (lambda f: f)
   seed_keys = jax.random.split(jax.random.key(config.seed), seeds)
   seed_keys = seed_keys if seeds > 1 else seed_keys[0]

@@ -33,11 +33,13 @@ from absl import app, flags, logging
 from experiments import cli
 from mtrl_jax import checkpoint as ckpt_lib
 from mtrl_jax import metrics as metrics_lib
-from mtrl_jax import train as train_lib
 from mtrl_jax import vocab as V
 from mtrl_jax.rl import collect as collect_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>).")
+_RESUME_INTACT = flags.DEFINE_bool(
+    "resume_intact", False, "If the latest checkpoint is corrupt, resume from the newest intact "
+    "one (the corrupt newer ones are moved to checkpoints.corrupt/, nothing is deleted).")
 flags.mark_flags_as_required(["config"])
 
 PLOT_KEYS = ("sft/loss", "train/success_rate", "eval/success_rate", "train/return",
@@ -71,6 +73,29 @@ def _dataset_batches(config, trainer):
   return ((b["tokens"], b["loss_mask"]) for b in batches)
 
 
+def resume(ckpt, template_for, step: int, workdir: str, resume_intact: bool):
+  """Restore checkpoint `step`; if it is corrupt, name the newest intact one (and resume from it
+  with `--resume_intact`, moving the corrupt newer ones aside). Returns (state, meta, step)."""
+  try:
+    return (*ckpt.restore(template_for(step), step), step)
+  except ckpt_lib.CheckpointError as e:
+    error = e
+  try:
+    state, meta, intact, failed = ckpt.restore_newest_intact(template_for, below=step)
+  except ckpt_lib.CheckpointError:
+    sys.exit(f"error: cannot resume from {workdir}: {error}; no older checkpoint is intact "
+             f"either (move {ckpt.directory} away to start afresh)")
+  corrupt = [step] + [s for s, _ in failed]
+  if not resume_intact:
+    sys.exit(f"error: cannot resume from {workdir}: {error}\nthe newest intact checkpoint is "
+             f"step {intact}: rerun with --resume_intact to resume from it (checkpoint(s) "
+             f"{corrupt} are then moved to {ckpt.directory}.corrupt/)")
+  where = ckpt.quarantine(corrupt)
+  print(f"warning: checkpoint(s) {corrupt} could not be restored ({error}); moved to {where}; "
+        f"resuming from step {intact}", file=sys.stderr)
+  return state, meta, intact
+
+
 def main(argv, *, sft_only: bool = False):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -79,14 +104,10 @@ def main(argv, *, sft_only: bool = False):
     config.train.steps = 0
   name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
   workdir = _WORKDIR.value or os.path.join("runs", name + ("_sft" if sft_only else ""))
-  try:  # Bad configs fail here, before anything compiles, with the offending key named.
-    trainer = train_lib.make_train(config)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
-  tc = config.train
-  seeds = int(tc.num_seeds)
-  if seeds < 1:
-    sys.exit(f"error: config.train.num_seeds must be >= 1, got {seeds}")
+  # Bad configs fail here, before anything compiles, with the offending key named (exit 2).
+  trainer = cli.build_trainer(config)
+  tc = trainer.train_config
+  seeds = tc.num_seeds
   sft_steps, rl_steps = int(config.sft.steps), int(tc.steps)
   if sft_only and sft_steps < 1:
     sys.exit(f"error: config.sft.steps={sft_steps}: experiments.sft needs at least one step")
@@ -118,16 +139,12 @@ def main(argv, *, sft_only: bool = False):
   seed_keys = seed_keys if seeds > 1 else seed_keys[0]
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               save_every=int(tc.checkpoint_every), keep=int(tc.keep_checkpoints))
+                               save_every=tc.checkpoint_every, keep=tc.keep_checkpoints)
   step = ckpt.latest_step() or 0
   if step:
-    template = init(seed_keys)
-    if step >= sft_steps:  # the state switched to the RL optimizer at step == sft_steps
-      template = start_rl(template)
-    try:
-      state, meta = ckpt.restore(template, step)
-    except ckpt_lib.CheckpointError as e:
-      sys.exit(f"error: cannot resume from {workdir}: {e}")
+    # The state switched to the RL optimizer at step == sft_steps.
+    template_for = lambda s: start_rl(init(seed_keys)) if s >= sft_steps else init(seed_keys)
+    state, meta, step = resume(ckpt, template_for, step, workdir, _RESUME_INTACT.value)
     print(f"resumed from step {step} ({meta.get('phase')})")
   elif config.init_from:
     state = cli.init_from_run(config.init_from, init, start_rl, seed_keys)
@@ -136,7 +153,7 @@ def main(argv, *, sft_only: bool = False):
   writer = metrics_lib.MetricsWriter(workdir, resume_step=step if step else None)
   bar = metrics_lib.ProgressBar(total, initial=step, keys=(
       "sft/loss", "train/success_rate", "eval/success_rate", "train/kl"))
-  log_every = max(1, int(tc.log_every))
+  log_every = tc.log_every
   if config.sft.dataset:  # resume: skip the batches the earlier run consumed
     for _ in range(min(step, sft_steps)):
       next(batches)
@@ -173,12 +190,12 @@ def main(argv, *, sft_only: bool = False):
         m["perf/step_s"] = dt
         m["perf/tokens_per_s"] = m["train/sampled_tokens"] * seeds / dt
         rl_done = step - sft_steps
-        eval_now = rl_done % int(tc.eval_every) == 0 or step == total
+        eval_now = rl_done % tc.eval_every == 0 or step == total
         if eval_now:
           m.update(_host(evaluate(state.params), seeds))
         log(step, m, force=eval_now)
         phase = "rl"
-      if step % int(tc.checkpoint_every) == 0 or step == total:
+      if step % tc.checkpoint_every == 0 or step == total:
         ckpt.save(step, state, {"phase": phase, "config": config.to_dict()}, force=True)
   finally:
     bar.close()

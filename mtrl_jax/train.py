@@ -29,7 +29,7 @@ from mtrl_jax.envs import registry
 from mtrl_jax.models import transformer as tf
 from mtrl_jax.rl import collect as collect_lib
 from mtrl_jax.rl import estimators, losses, objective, scoring
-from mtrl_jax.rl.config import AlgoConfig, Checks, from_section, section_dict
+from mtrl_jax.rl.config import AlgoConfig, Checks, ConfigError, from_section, section_dict
 from mtrl_jax.rl.update import ppo_update
 
 written_mask = scoring.written_mask  # re-exported: part of the public API since round 1
@@ -42,9 +42,14 @@ def build_env(section: Mapping[str, Any]) -> tuple[envs_base.Environment, Any]:
     raise ValueError(f"config.env.name is missing; known environments: {registry.list_envs()}")
   name = kwargs.pop("name")
   try:
-    return registry.make(name, **kwargs)
+    env, params = registry.make(name, **kwargs)
   except ValueError as e:
     raise ValueError(f"config.env: {e}") from None
+  # The parameters every environment shares (envs.base.EnvParams), range-checked here.
+  if isinstance(params, envs_base.EnvParams):
+    Checks(params, "env").number("noise", 0.0, 1.0)
+    Checks(params, "env").number("format_penalty", 0.0)
+  return env, params
 
 
 def build_model_config(section: Mapping[str, Any], vocab_size: int) -> tf.ModelConfig:
@@ -69,8 +74,9 @@ def build_model_config(section: Mapping[str, Any], vocab_size: int) -> tf.ModelC
                      "checkpoint directory)")
   try:
     return tf.model_config(preset, vocab_size, **kwargs)
-  except ValueError as e:
-    raise ValueError(f"config.model: {e}") from None
+  except ValueError as e:  # ModelConfig names its field: say where it is in the config
+    raise ConfigError(f"config.model: {e}".replace("config.model: ModelConfig.",
+                                                   "config.model.")) from None
 
 
 def build_rollout_config(section: Mapping[str, Any]) -> rollout_lib.RolloutConfig:
@@ -79,8 +85,18 @@ def build_rollout_config(section: Mapping[str, Any]) -> rollout_lib.RolloutConfi
   fields = {f.name for f in dataclasses.fields(rollout_lib.RolloutConfig)}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
-    raise ValueError(f"config.rollout: unknown keys {unknown}; valid keys: {sorted(fields)}")
+    raise ConfigError(f"config.rollout: unknown keys {unknown}; valid keys: {sorted(fields)}")
   return rollout_lib.RolloutConfig(**kwargs)
+
+
+def _rollout(env, model_config, rollout_config) -> rollout_lib.Rollout:
+  """`make_rollout`, its budget errors naming `config.rollout.<field>`."""
+  try:
+    return rollout_lib.make_rollout(env, model_config, rollout_config)
+  except rollout_lib.BudgetError as e:
+    message = str(e)
+    raise ConfigError(f"config.{message}" if message.startswith("rollout.") else
+                      f"config.rollout: {message}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +171,20 @@ class TrainConfig:
       c.integer(name, 1)
 
 
+TOP_LEVEL = {"seed": 0, "num_samples": 0}  # integer settings and their minimum
+
+
+def _check_top_level(config) -> None:
+  """`config.seed` (>= 0), `config.num_samples` (>= 0), `config.init_from` (a path)."""
+  get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+  for key, low in TOP_LEVEL.items():
+    value = get(key, low)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise ConfigError(f"config.{key} must be an integer >= {low}, got {value!r}")
+  if not isinstance(get("init_from", ""), str):
+    raise ConfigError(f"config.init_from must be a path (a string), got {get('init_from')!r}")
+
+
 @flax.struct.dataclass
 class TrainState:
   """Everything a run needs to continue exactly: a pytree (checkpointed as is).
@@ -198,6 +228,7 @@ class Trainer:
     so the update equals the single-device one."""
     self.config = config
     self.num_devices, self.axis_name = int(num_devices), axis_name
+    _check_top_level(config)
     self.algo = AlgoConfig.from_section(config.algo)
     self.optim = from_section(OptimConfig, config.optim, "optim")
     self.sft = from_section(SFTConfig, config.sft, "sft")
@@ -224,10 +255,10 @@ class Trainer:
       raise ValueError(f"per-device batch {local * rc.group_size} is not divisible by "
                        f"config.algo.minibatches={algo.minibatches}")
     local_rc = dataclasses.replace(rc, num_envs=local)
-    self.rollout = rollout_lib.make_rollout(self.env, self.model_config, local_rc)
+    self.rollout = _rollout(self.env, self.model_config, local_rc)
     self.collect = collect_lib.make_collector(config, self.env, self.model_config, local_rc,
                                               self.rollout, algo, num_devices=self.num_devices)
-    self.eval_rollout = rollout_lib.make_rollout(
+    self.eval_rollout = _rollout(
         self.env, self.model_config,
         dataclasses.replace(rc, num_envs=self.train_config.eval_envs, group_size=1,
                             greedy=True))

@@ -3,6 +3,9 @@ the validated configs, each against a plain reference written here."""
 
 import ast
 import inspect
+import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -13,10 +16,12 @@ import pytest
 
 from configs.quickstart import get_config
 from mtrl_jax import train as train_lib
-from mtrl_jax.rl import collect, estimators, losses, objective, scoring
+from mtrl_jax.rl import collect, estimators, objective, scoring
 from mtrl_jax.rl.config import AlgoConfig, ConfigError
 from mtrl_jax.rl.update import ppo_update
 from mtrl_jax.types import Trajectory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ----------------------------------------------------------------------------- a hand-made batch
 #
@@ -396,8 +401,15 @@ def test_one_policy_object_for_sampler_and_learner():
     ("train", "checkpoint_every", 0), ("train", "keep_checkpoints", 0),
     ("sft", "noise", 2.0), ("sft", "noise", -1.0), ("sft", "batch_size", -8),
     ("sft", "steps", -1), ("sft", "lr", 0.0),
+    ("env", "noise", 2.0), ("env", "format_penalty", -1.0), ("model", "num_layers", 0),
+    ("rollout", "num_envs", 0), ("rollout", "temperature", 0.0),
 ])
 def test_every_value_is_range_checked_with_its_name(section, key, value):
+  """Each bad value is refused when the trainer is built (before anything compiles), naming
+  config.<section>.<key>: values that used to pass silently (optim.lr=-1, algo.epochs=0,
+  train.steps=-5, env.noise=2.0, sft.noise=-1, sft.batch_size=-8), end in a ZeroDivisionError
+  later (algo.minibatches=0, train.eval_every=0), or blame another setting (train.eval_envs=0
+  blamed rollout.num_envs; checkpoint_every / keep_checkpoints named internal arguments)."""
   c = small_config()
   if key == "overlong_cache":
     c.algo.overlong_len = 10
@@ -425,3 +437,28 @@ def test_algo_defaults_are_the_quickstart_config():
       train_lib.SFTConfig()
   assert train_lib.from_section(train_lib.OptimConfig, get_config().optim, "optim") == \
       train_lib.OptimConfig()
+
+
+def test_top_level_settings_are_checked():
+  c = small_config()
+  c.seed = -1
+  with pytest.raises(ConfigError, match=r"config\.seed must be an integer >= 0"):
+    train_lib.make_train(c)
+
+
+@pytest.mark.parametrize("override, name", [
+    ("--config.optim.lr=-1", "config.optim.lr"),
+    ("--config.algo.minibatches=0", "config.algo.minibatches"),
+    ("--config.train.eval_every=0", "config.train.eval_every"),
+    ("--config.train.eval_envs=0", "config.train.eval_envs"),
+    ("--config.env.noise=2.0", "config.env.noise"),
+    ("--config.rollout.max_len=10", "config.rollout.max_len"),
+])
+def test_cli_bad_value_is_one_line_exit_2(override, name):
+  out = subprocess.run([sys.executable, "-m", "experiments.train", "--config",
+                        "configs/quickstart.py", override, "--workdir", "/nonexistent/x"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=180)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and name in lines[0], out.stderr[-2000:]
+  assert "Traceback" not in out.stderr

@@ -548,3 +548,24 @@ def test_truncated_importance_weights():
   g = jax.grad(lambda lp: jnp.sum(L.truncated_importance_weights(lp, sampler, mask, 2.0)))(
       learner)
   assert np.all(np.asarray(g) == 0)
+
+
+@pytest.mark.parametrize("kind", L.KL_KINDS)
+def test_kl_gradient_is_exactly_zero_at_masked_positions_for_extreme_inputs(kind):
+  """A log-ratio of -200 (k3's exp(-d) overflows for d < -88) at a masked position must give a
+  finite loss and exactly 0 gradient there; the unmasked positions keep finite gradients."""
+  logp = jnp.asarray([[-0.5, -200.0, -1.0], [-300.0, -0.2, -0.1]], jnp.float32)
+  ref = jnp.asarray([[-0.4, 0.0, -1.2], [0.0, -0.3, -100.0]], jnp.float32)
+  mask = jnp.asarray([[True, False, True], [False, True, True]])
+  loss_fn = lambda lp: L.aggregate(L.kl_estimate(lp, ref, kind), mask, "token_mean")
+  loss, grad = jax.value_and_grad(loss_fn)(logp)
+  assert np.isfinite(float(loss))
+  g = np.asarray(grad)
+  assert np.all(np.isfinite(g))
+  assert g[0, 1] == 0.0 and g[1, 0] == 0.0
+  # k3's exp takes the log-ratio clamped to +-MAX_LOG_RATIO, as peers do (k1, k2 have no exp):
+  # a huge unmasked one stays finite.
+  d = np.asarray(logp - ref, np.float64)
+  ref_k = {"k1": d, "k2": 0.5 * d ** 2,
+           "k3": np.exp(-np.clip(d, -L.MAX_LOG_RATIO, L.MAX_LOG_RATIO)) + d - 1}[kind]
+  np.testing.assert_allclose(float(loss), (ref_k * np.asarray(mask)).sum() / 4, rtol=1e-5)

@@ -147,7 +147,10 @@ def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: str) -> jax.Array:
   With `d = logp - ref_logp`:
   * `"k1"`: `d` (unbiased, can be negative);
   * `"k2"`: `0.5 d^2` (biased, low variance, >= 0);
-  * `"k3"`: `exp(-d) + d - 1` (unbiased, >= 0).
+  * `"k3"`: `exp(-d) + d - 1` (unbiased, >= 0), with the `d` inside the exp clamped to
+    +-`MAX_LOG_RATIO` (as verl does): `exp(-d)` overflows float32 for d < -88, and an inf
+    there would turn into a NaN gradient (0 * inf) even at masked-out positions, which skips
+    the update. Beyond the clamp the value is a lower bound and the gradient stays finite.
   All are 0 where `logp == ref_logp`. Used in the loss (aggregate it) or subtracted from the
   reward (stop_gradient it first).
 
@@ -165,7 +168,7 @@ def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: str) -> jax.Array:
   if kind == "k2":
     return 0.5 * jnp.square(d)
   if kind == "k3":
-    return jnp.exp(-d) + d - 1.0
+    return jnp.exp(-jnp.clip(d, -MAX_LOG_RATIO, MAX_LOG_RATIO)) + d - 1.0
   raise ValueError(f"unknown KL estimator kind {kind!r}; expected one of {KL_KINDS}")
 
 

@@ -28,7 +28,9 @@ shardings). The stored tree is checked against the template before reading (same
 shapes and dtypes: no silent casting or padding), and every failure (missing or garbled files,
 an incompatible tree, a fingerprint mismatch) raises `CheckpointError` naming the directory, the
 step and what is wrong. Nothing is ever deleted or overwritten because it failed to restore;
-saving a step that already exists is skipped.
+saving a step that already exists is skipped. To go on after a corrupt latest checkpoint,
+`restore_newest_intact` finds the newest step that restores and `quarantine` moves the corrupt
+newer ones to `<directory>.corrupt/` (what `python -m experiments.train --resume_intact` does).
 
 Atomicity: orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>`
 once every item is finalised (on GCS, where rename is not atomic, it writes a
@@ -391,6 +393,49 @@ class Checkpointer:
       raise CheckpointError(f"{self._where(step)}: meta is {type(restored.meta).__name__}, "
                             "expected a JSON object")
     return _from_stored(restored.state, template_state), restored.meta
+
+  def restore_newest_intact(self, template_for, below: int | None = None
+                            ) -> tuple[Any, dict, int, list[tuple[int, str]]]:
+    """Restores the newest checkpoint that restores cleanly, trying steps newest first.
+
+    Args:
+      template_for: `template_for(step) -> template_state` (a run's state can change form
+        between steps, e.g. from the SFT to the RL optimizer).
+      below: only try steps < `below` (None: all).
+
+    Returns:
+      (state, meta, step, failures): the restored step and, newest first, the
+      `(step, error message)` of each newer checkpoint that failed to restore.
+
+    Raises:
+      CheckpointError: no checkpoint restores (every failure is listed).
+    """
+    failures = []
+    for step in reversed(self.steps()):
+      if below is not None and step >= below:
+        continue
+      try:
+        state, meta = self.restore(template_for(step), step)
+        return state, meta, step, failures
+      except CheckpointError as e:
+        failures.append((step, str(e)))
+    raise CheckpointError(f"no intact checkpoint in {self.directory}: "
+                          + "; ".join(f"step {s}: {m}" for s, m in failures[:_MAX_LISTED]))
+
+  def quarantine(self, steps) -> str:
+    """Moves the checkpoints `steps` (e.g. corrupt ones) out of the way, into
+    `<directory>.corrupt/<step>`, so that the run can continue from an older step and save
+    those steps anew. Nothing is deleted. Returns the quarantine directory."""
+    self._wait("quarantining")
+    where = self.directory + ".corrupt"
+    os.makedirs(where, exist_ok=True)
+    for step in steps:
+      dest, n = os.path.join(where, str(int(step))), 1
+      while os.path.exists(dest):
+        dest, n = os.path.join(where, f"{int(step)}.{n}"), n + 1
+      os.rename(os.path.join(self.directory, str(int(step))), dest)
+    self._manager.reload()
+    return where
 
   def _check_structure(self, step: int, target: Any) -> None:
     """Compares the stored tree's paths, shapes and dtypes with the restore target."""

@@ -176,15 +176,12 @@ def _largest_file(step_dir):
   return max(files, key=os.path.getsize)
 
 
-# Orbax leaves a tensorstore read coroutine behind after some read errors ("Event loop is
-# closed" when it is collected): harmless, not ours.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", ["delete_metadata", "truncate_manifest", "garble_meta",
-                                    "delete_state", "flip_data_bit"])
-def test_corrupt_checkpoint_raises_checkpoint_error(tmp_path, damage):
-  state = _make_state(width=256)  # w: 64 KiB, stored outside the b-tree nodes
-  _save(tmp_path, [(3, state), (4, state)])
-  step_dir = tmp_path / "4"
+DAMAGES = ("delete_metadata", "truncate_manifest", "garble_meta", "delete_state",
+           "flip_data_bit")
+
+
+def damage_step(step_dir, damage):
+  """Corrupt one checkpoint directory in one of the ways `DAMAGES` names."""
   if damage == "delete_metadata":
     os.remove(step_dir / "state" / "_METADATA")
   elif damage == "truncate_manifest":
@@ -201,6 +198,17 @@ def test_corrupt_checkpoint_raises_checkpoint_error(tmp_path, damage):
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0x01
     open(path, "wb").write(bytes(data))
+
+
+# Orbax leaves a tensorstore read coroutine behind after some read errors ("Event loop is
+# closed" when it is collected): harmless, not ours.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_corrupt_checkpoint_raises_checkpoint_error(tmp_path, damage):
+  state = _make_state(width=256)  # w: 64 KiB, stored outside the b-tree nodes
+  _save(tmp_path, [(3, state), (4, state)])
+  step_dir = tmp_path / "4"
+  damage_step(step_dir, damage)
   files_before = sorted(str(p) for p in step_dir.rglob("*"))
   with Checkpointer(tmp_path, save_every=1, keep=5) as ck:
     assert ck.latest_step() == 4
@@ -215,6 +223,46 @@ def test_corrupt_checkpoint_raises_checkpoint_error(tmp_path, damage):
     _assert_bitwise_equal(restored, state)
     assert not ck.save(4, state, force=True)  # the corrupt one is not overwritten
   assert sorted(str(p) for p in step_dir.rglob("*")) == files_before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_resume_falls_back_to_the_newest_intact_step(tmp_path, damage, capsys):
+  """A corrupt latest checkpoint (and a corrupt one before it): the error names the newest intact
+  step and `--resume_intact`; with it the run resumes there, bitwise, and the corrupt steps are
+  moved to checkpoints.corrupt/ (not deleted), so those steps can be saved anew."""
+  from experiments import train as train_cli
+  states = {s: _make_state(width=256, seed=s) for s in (2, 3, 4)}
+  directory = tmp_path / "checkpoints"
+  _save(directory, sorted(states.items()))
+  damage_step(directory / "4", damage)
+  damage_step(directory / "3", "flip_data_bit")
+  template_for = lambda step: states[2]
+  with Checkpointer(directory, save_every=1, keep=5) as ck:
+    with pytest.raises(SystemExit) as err:
+      train_cli.resume(ck, template_for, 4, str(tmp_path), resume_intact=False)
+    msg = str(err.value)
+    assert "step 4" in msg and "newest intact checkpoint is step 2" in msg
+    assert "--resume_intact" in msg and "[4, 3]" in msg
+    assert ck.steps() == [2, 3, 4]  # nothing moved without the flag
+    state, _, step = train_cli.resume(ck, template_for, 4, str(tmp_path), resume_intact=True)
+    assert step == 2 and ck.steps() == [2] and ck.latest_step() == 2
+    _assert_bitwise_equal(state, states[2])
+    assert "resuming from step 2" in capsys.readouterr().err
+    assert ck.save(3, states[3], force=True)  # the quarantined steps can be written again
+    ck.wait()
+  assert sorted(os.listdir(tmp_path / "checkpoints.corrupt")) == ["3", "4"]
+
+
+def test_resume_with_no_intact_checkpoint_says_so(tmp_path):
+  from experiments import train as train_cli
+  directory = tmp_path / "checkpoints"
+  _save(directory, [(4, _make_state(width=256))])
+  damage_step(directory / "4", "flip_data_bit")
+  with Checkpointer(directory, save_every=1, keep=5) as ck:
+    with pytest.raises(SystemExit, match="no older checkpoint is intact"):
+      train_cli.resume(ck, lambda s: _make_state(width=256), 4, str(tmp_path), resume_intact=True)
+    assert ck.steps() == [4]
 
 
 def test_structure_mismatch_raises_checkpoint_error(tmp_path):

@@ -279,6 +279,32 @@ def test_cli_resumes_across_the_sft_to_rl_boundary(tmp_path):
   assert steps == [1, 2, 3, 4]
 
 
+def test_cli_resume_intact_after_a_corrupt_latest_checkpoint(tmp_path):
+  """The program as a user runs it: the latest checkpoint is damaged after the run; rerunning
+  with --resume_intact resumes from the newest intact step and reproduces the same metrics."""
+  import glob
+  args = [sys.executable, "-m", "experiments.train", "--config", "configs/quickstart.py",
+          "--workdir", str(tmp_path), "--config.sft.steps=2", "--config.train.steps=2",
+          "--config.train.checkpoint_every=2", "--config.rollout.num_envs=4",
+          "--config.train.eval_envs=4", "--config.sft.batch_size=4"]
+  first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert first.returncode == 0, first.stderr[-3000:]
+  strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+  before = strip(metrics_lib.read_metrics(tmp_path / "metrics.jsonl"))
+  files = [f for f in glob.glob(str(tmp_path / "checkpoints" / "4" / "**" / "*"), recursive=True)
+           if os.path.isfile(f)]
+  path = max(files, key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x01
+  open(path, "wb").write(bytes(data))
+  again = subprocess.run(args + ["--resume_intact"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resuming from step 2" in again.stderr and "resumed from step 2" in again.stdout
+  assert strip(metrics_lib.read_metrics(tmp_path / "metrics.jsonl")) == before
+  assert os.listdir(tmp_path / "checkpoints.corrupt") == ["4"]
+
+
 def test_sft_from_a_tfds_dataset(tmp_path):
   from mtrl_jax import data
   tr, _, _, _ = trainer_and_fns()

@@ -324,6 +324,177 @@ def test_prompt_budget_errors_name_the_setting(chatml_dir):
     make_env(chatml_dir, reply_len=20)
 
 
+# --- tool calls the model cannot break (issue 19) ---------------------------------------------
+
+def tool_call(name, arguments):
+  """A `<tool_call>` block calling `name` with `arguments` (raw JSON text)."""
+  return "<tool_call>" + '{"name": %s, "arguments": %s}' % (json.dumps(name), arguments) + \
+      "</tool_call>"
+
+
+def echo_tool(log=None):
+  """`echo(kind)`: returns a hostile value of the given kind (complex, nan, ...)."""
+  class Unprintable:
+    def __str__(self):
+      raise RuntimeError("no text")
+
+  def leave():
+    raise SystemExit(3)
+
+  values = {"complex": lambda: (-8) ** 0.5, "np_complex": lambda: np.complex128(1j),
+            "nan": lambda: math.nan, "inf": lambda: -math.inf, "np_nan": lambda: np.float32("nan"),
+            "nan_array": lambda: np.array([1.0, math.nan]), "unprintable": Unprintable,
+            "exit": leave, "fine": lambda: 2.5,
+            "int": lambda: 7, "none": lambda: None}
+
+  def fn(kind):
+    if log is not None:
+      log.append(kind)
+    return values[kind]()
+
+  return json_tool.Tool(
+      name="echo", description="Return a value of the given kind.",
+      parameters={"type": "object", "properties": {"kind": {"type": "string",
+                                                            "enum": sorted(values)}},
+                  "required": ["kind"], "additionalProperties": False}, fn=fn)
+
+
+
+
+
+
+def step_rows(env, turns, params=None):
+  """One jitted, batched step of fresh episodes with these turn texts: (reply, reward, info)."""
+  tok = env.tokenizer
+  params = env.default_params.replace(format_penalty=0.5) if params is None else params
+  keys = jax.random.split(jax.random.key(0), len(turns))
+  state, _ = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+  ids = [tok.encode(t) + [tok.eot_id] for t in turns]
+  acts = np.zeros((len(turns), max(map(len, ids))), np.int32)
+  for i, x in enumerate(ids):
+    acts[i, :len(x)] = x
+  action = base.Action(jnp.asarray(acts), jnp.asarray([len(x) for x in ids], jnp.int32))
+  _, reply, reward, _, info = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))(
+      keys, state, action, params)
+  return reply, np.asarray(reward), {k: np.asarray(v) for k, v in info.items()}
+
+
+def test_hostile_arguments_are_error_replies_in_the_batched_step(chatml_dir):
+  """A > 4,300-digit integer (`ValueError` from Python's int-string limit) or ~1,000-deep
+  nesting (`RecursionError`) in one row's arguments crashed the whole batched step."""
+  env = make_env(chatml_dir)
+  tok = env.tokenizer
+  good = tool_call("calculator", '{"expression": "6*7"}')
+  hostile = {
+      "big integer": tool_call("calculator", '{"expression": %s}' % ("9" * 4301)),
+      "deep nesting": tool_call("calculator", '{"expression": %s}' % ("[" * 1000 + "]" * 1000)),
+      "deep string arguments": tool_call(
+          "calculator", json.dumps('{"expression": %s}' % ("[" * 1000 + "]" * 1000))),
+      "NaN": tool_call("calculator", '{"expression": NaN}'),
+      "1e999": tool_call("calculator", '{"expression": 1e999}'),
+      "huge block": tool_call("calculator", json.dumps({"expression": "1" + " " * 5000})),
+  }
+  for name, turn in hostile.items():
+    results, _, calls, errors = env.respond(turn, env.tasks[0])
+    assert (calls, errors) == (0, 1), name
+    assert len(results) == 1 and results[0].startswith("Error: "), (name, results)
+  reply, reward, info = step_rows(env, [good, *hostile.values(), good])
+  np.testing.assert_array_equal(info["num_tool_calls"], [1] + [0] * len(hostile) + [1])
+  np.testing.assert_array_equal(info["format_errors"], [0] + [1] * len(hostile) + [0])
+  np.testing.assert_allclose(reward, [0.0] + [-0.5] * len(hostile) + [0.0])
+  text = lambda i: tok.decode(np.asarray(reply.tokens[i, :int(reply.length[i])]))
+  assert "\n42\n" in text(0) and "\n42\n" in text(len(hostile) + 1)
+  for i in range(1, len(hostile) + 1):
+    assert text(i).startswith("\n<|im_start|>user\n<tool_response>\nError: ")
+
+
+def test_caps_on_tool_calls_are_documented_and_enforced(chatml_dir):
+  """The block length and nesting caps answer before parsing; with the length cap raised, the
+  number and depth guards still answer (the caps are defence in depth)."""
+  env = make_env(chatml_dir)
+  assert env.max_call_chars == json_tool.MAX_CALL_CHARS and env.max_depth == \
+      json_tool.MAX_JSON_DEPTH
+  for text in (json_tool.__doc__, json_tool.JsonToolEnv.__init__.__doc__):
+    assert "max_call_chars" in text and "max_depth" in text
+  body = json.dumps({"expression": "1" + " " * json_tool.MAX_CALL_CHARS})
+  results, _, _, _ = env.respond(tool_call("calculator", body), env.tasks[0])
+  assert results == [f"Error: the tool call is longer than {json_tool.MAX_CALL_CHARS} "
+                     "characters."]
+  nested = '{"expression": "1", "x": %s}'
+  ok_depth = "[" * (json_tool.MAX_JSON_DEPTH - 2) + "]" * (json_tool.MAX_JSON_DEPTH - 2)
+  results, _, _, _ = env.respond(tool_call("calculator", nested % ok_depth), env.tasks[0])
+  assert "not valid JSON" not in results[0]  # depth 32 is parsed (the tool rejects "x")
+  results, _, _, _ = env.respond(tool_call("calculator", nested % ("[" + ok_depth + "]")),
+                                 env.tasks[0])
+  assert results == [f"Error: the tool call is not valid JSON (nested deeper than "
+                     f"{json_tool.MAX_JSON_DEPTH} levels)."]
+  wide = make_env(chatml_dir, max_call_chars=10 ** 6)
+  for body, why in (('{"expression": %s}' % ("9" * 5000), "longer than 100 characters"),
+                    ('{"expression": %s}' % ("[" * 5000 + "]" * 5000), "nested deeper"),
+                    ('{"expression": Infinity}', "Infinity is not JSON"),
+                    ('{"expression": -1e400}', "too large")):
+    results, _, calls, errors = wide.respond(tool_call("calculator", body), wide.tasks[0])
+    assert (calls, errors) == (0, 1) and why in results[0], results
+  for bad in (0, -1, 2.5):
+    with pytest.raises(ValueError, match="max_call_chars"):
+      make_env(chatml_dir, max_call_chars=bad)
+    with pytest.raises(ValueError, match="max_depth"):
+      make_env(chatml_dir, max_depth=bad)
+
+
+def test_tool_failures_and_non_real_results_are_counted_errors(chatml_dir):
+  """`(-8)**0.5` returned a complex number as a valid result; any tool's complex, NaN or
+  infinite result, a `SystemExit`, or a result that cannot be written as text is an error
+  reply, counted in `format_errors`."""
+  tok = chat.ChatTokenizer.from_dir(chatml_dir)
+  env = json_tool.JsonToolEnv(tok, arith_tasks(), [json_tool.calculator_tool(), echo_tool()],
+                              system="Be brief.", reply_len=160, max_turns=3)
+  for expression in ("(-8)**0.5", "(-8) ** (1/3)", "1e309", "1e309 - 1e309", "-1e309 * 0",
+                     "(1e6) ** 100"):
+    with pytest.raises(ValueError):
+      json_tool.safe_eval(expression)
+    results, _, calls, errors = env.respond(
+        tool_call("calculator", json.dumps({"expression": expression})), env.tasks[0])
+    assert (calls, errors) == (0, 1) and results[0].startswith("Error: calculator failed: "), \
+        (expression, results)
+  for kind in ("complex", "np_complex", "nan", "inf", "np_nan", "nan_array", "unprintable",
+               "exit"):
+    results, _, calls, errors = env.respond(tool_call("echo", json.dumps({"kind": kind})),
+                                            env.tasks[0])
+    assert (calls, errors) == (0, 1) and results[0].startswith("Error: echo "), (kind, results)
+  for kind, want in (("fine", "2.5"), ("int", "7"), ("none", "None")):
+    assert env.respond(tool_call("echo", json.dumps({"kind": kind})), env.tasks[0])[0] == [want]
+  turns = [tool_call("calculator", '{"expression": "(-8)**0.5"}'),
+           tool_call("echo", '{"kind": "exit"}'), tool_call("echo", '{"kind": "fine"}')]
+  _, reward, info = step_rows(env, turns)
+  np.testing.assert_array_equal(info["format_errors"], [1, 1, 0])
+  np.testing.assert_array_equal(info["num_tool_calls"], [0, 0, 1])
+  np.testing.assert_allclose(reward, [-0.5, -0.5, 0.0])
+
+
+
+
+
+def test_a_failing_row_is_an_error_reply_not_a_crashed_step(chatml_dir):
+  """Whatever goes wrong while answering one row (here: `respond` itself raising) is that
+  row's error reply, counted; the other rows of the batch are answered as usual."""
+  env = make_env(chatml_dir)
+  respond = env.respond
+
+  def broken(text, task):
+    if "boom" in text:
+      raise RuntimeError("boom")
+    return respond(text, task)
+
+  env.respond = broken
+  good = tool_call("calculator", '{"expression": "6*7"}')
+  reply, reward, info = step_rows(env, [good, "<tool_call>boom</tool_call>", good])
+  np.testing.assert_array_equal(info["format_errors"], [0, 1, 0])
+  np.testing.assert_allclose(reward, [0.0, -0.5, 0.0])
+  text = env.tokenizer.decode(np.asarray(reply.tokens[1, :int(reply.length[1])]))
+  assert text.startswith("\n<|im_start|>user\n<tool_response>\nError: ") and "boom" not in text
+
+
 # --- full rollouts: exact tokens and masks ----------------------------------------------------
 
 def expected_from_template(tok, env, row_tokens, row_turn, task, messages0):

@@ -30,6 +30,11 @@ tokenizer's (`mtrl_jax.models.chat.ChatTokenizer`):
   `MAX_NUMBER_CHARS` (100) characters, overflowing floats and NaN/Infinity are refused. So
   neither Python's int-string limit (4,300 digits) nor its recursion limit (~1,000 levels) is
   ever reached.
+* Tool results and error messages (which quote the model's text, cut to a few dozen
+  characters) are written as plain text (`ChatTokenizer.plain`), and each reply's ids are
+  checked to hold exactly the special tokens of its template frame (a reply that does not is
+  replaced by an error reply), so `<|im_end|><|im_start|>` in a tool name or argument can never
+  become a turn boundary.
 * `expert` replays a task's `solution` (assistant turns given in the task file), for
   demonstrations and tests; a task without one answers nothing.
 
@@ -353,6 +358,12 @@ class JsonToolEnv(base.Environment):
       raise ValueError(f"JsonToolEnv.reply_len={reply_len} cannot hold the tool reply frame "
                        f"for {most} results (max_calls_per_turn={max_calls_per_turn} calls and "
                        f"two error notes: {frame} tokens of template pieces) and any content")
+    # The special and frame tokens each reply may hold: exactly those of its frame.
+    self._protected = frozenset(tokenizer.protected_tokens())
+    self._frame_tokens = {k: self._protected_counts(tokenizer.tool_reply_ids([""] * k))
+                          for k in range(1, most + 1)}
+    self._unwritable = self._fixed_reply("Error: the tool reply could not be written as plain "
+                                         "text.")
     self._failed = self._fixed_reply("Error: the tool call could not be answered.")
     schemas = [t.schema for t in tools] or None
     prompts = [tokenizer.prompt_ids(t.question, system, schemas, **dict(template_kwargs or {}))
@@ -386,9 +397,15 @@ class JsonToolEnv(base.Environment):
                                    prompt_lens=jnp.asarray([len(p) for p in prompts], jnp.int32),
                                    demo=jnp.asarray(demo), demo_lens=jnp.asarray(demo_lens))
 
+  def _protected_counts(self, ids: Sequence[int]) -> collections.Counter:
+    return collections.Counter(i for i in ids if i in self._protected)
+
   def _fixed_reply(self, message: str) -> list[int]:
-    """Reply ids of a fixed error message (within `reply_len`)."""
-    return self.tokenizer.fit_reply("tool", [message], self.reply_len)[0]
+    """Reply ids of a fixed error message (checked: plain, within `reply_len`)."""
+    ids, _ = self.tokenizer.fit_reply("tool", [message], self.reply_len)
+    if self._protected_counts(ids) != self._frame_tokens[1]:
+      raise ValueError(f"the tokenizer writes {message!r} with special tokens")
+    return ids
 
   # --- static description -----------------------------------------------------------------
   def symbols(self):
@@ -455,7 +472,7 @@ class JsonToolEnv(base.Environment):
   # --- the host side ------------------------------------------------------------------------
   def respond(self, text: str, task: Task) -> tuple[list[str] | None, bool, int, int]:
     """Python view of one turn: (tool results or None for a final answer, success, valid
-    calls, errors)."""
+    calls, errors). Results are plain text (`ChatTokenizer.plain`), one per call or error."""
     opens = text.count("<tool_call>")
     if not opens:
       return None, is_correct(text, task), 0, 0
@@ -473,12 +490,12 @@ class JsonToolEnv(base.Environment):
       results.append(result)
       calls += ok
       errors += not ok
-    return results, False, calls, errors
+    return [self.tokenizer.plain(r) for r in results], False, calls, errors
 
   def call(self, block: str) -> tuple[str, bool]:
     """Run one `<tool_call>` body: (result text, ok). Never raises (only `KeyboardInterrupt`
     passes): every failure is an `Error: ...` text with ok False. The text may quote the
-    model's words (cut short)."""
+    model's words (cut short); `respond` makes it plain text."""
     try:
       return self._call(block)
     except (Exception, SystemExit) as e:
@@ -545,7 +562,8 @@ class JsonToolEnv(base.Environment):
   def _answer(self, tokens: np.ndarray, length: int, task: int
               ) -> tuple[list[int], bool, bool, int, int]:
     """One finished turn (tokens [A], its length) -> (reply ids, answered, success, valid
-    calls, errors)."""
+    calls, errors). A reply whose ids hold special tokens its frame does not is replaced by an
+    error reply (one more error)."""
     ids = tokens[:length].tolist()
     if ids and ids[-1] == self.tokenizer.eot_id:
       ids = ids[:-1]
@@ -553,6 +571,8 @@ class JsonToolEnv(base.Environment):
     if results is None:
       return [], True, ok, 0, 0
     ids, _ = self.tokenizer.fit_reply("tool", results, self.reply_len)
+    if self._protected_counts(ids) != self._frame_tokens[len(results)]:
+      ids, n_errors = self._unwritable, n_errors + 1
     return ids, False, False, n_calls, n_errors
 
 

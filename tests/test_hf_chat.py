@@ -333,7 +333,8 @@ def tool_call(name, arguments):
 
 
 def echo_tool(log=None):
-  """`echo(kind)`: returns a hostile value of the given kind (complex, nan, ...)."""
+  """`echo(kind)`: returns a hostile value of the given kind (complex, nan, ...); `log` (a
+  list) records the kind of each call that ran."""
   class Unprintable:
     def __str__(self):
       raise RuntimeError("no text")
@@ -344,8 +345,7 @@ def echo_tool(log=None):
   values = {"complex": lambda: (-8) ** 0.5, "np_complex": lambda: np.complex128(1j),
             "nan": lambda: math.nan, "inf": lambda: -math.inf, "np_nan": lambda: np.float32("nan"),
             "nan_array": lambda: np.array([1.0, math.nan]), "unprintable": Unprintable,
-            "exit": leave, "fine": lambda: 2.5,
-            "int": lambda: 7, "none": lambda: None}
+            "exit": leave, "fine": lambda: 2.5, "int": lambda: 7, "none": lambda: None}
 
   def fn(kind):
     if log is not None:
@@ -485,6 +485,51 @@ def test_tool_failures_and_non_real_results_are_counted_errors(chatml_dir):
   np.testing.assert_allclose(reward, [-0.5, -0.5, 0.0])
 
 
+def test_arguments_are_validated_against_the_schema(chatml_dir):
+  """Arguments that break the tool's declared JSON schema are error replies naming the
+  problem, and the tool is not run."""
+  log = []
+  tok = chat.ChatTokenizer.from_dir(chatml_dir)
+  env = json_tool.JsonToolEnv(tok, arith_tasks(), [json_tool.calculator_tool(), echo_tool(log)],
+                              system="Be brief.", reply_len=160, max_turns=3)
+  cases = {
+      ("calculator", '{"expression": 5}'): "arguments.expression must be string, got integer",
+      ("calculator", '{}'): "arguments misses the required property 'expression'",
+      ("echo", '{"kind": "fine", "extra": 1}'): "arguments has an unexpected property 'extra'",
+      ("echo", '{"kind": "purple"}'): "arguments.kind must be one of",
+      ("echo", '{"kind": ["fine"]}'): "arguments.kind must be string, got array",
+  }
+  for (name, arguments), want in cases.items():
+    results, _, calls, errors = env.respond(tool_call(name, arguments), env.tasks[0])
+    assert (calls, errors) == (0, 1), results
+    assert results[0].startswith(f"Error: invalid arguments for {name}: ") and want in \
+        results[0], results
+  assert log == []  # the tool never ran on invalid arguments
+  assert env.respond(tool_call("echo", '{"kind": "int"}'), env.tasks[0])[:1] == (["7"],)
+  assert log == ["int"]
+  # The validator on its own: the subset tools use (type, required, properties,
+  # additionalProperties, enum, items), nested.
+  schema = {"type": "object", "required": ["n", "opts"], "properties": {
+      "n": {"type": "integer"}, "x": {"type": ["number", "null"]},
+      "tags": {"type": "array", "items": {"type": "string"}},
+      "opts": {"type": "object", "properties": {"mode": {"enum": ["a", "b", 1]}},
+               "additionalProperties": {"type": "boolean"}}}}
+  check = json_tool.validate_arguments
+  assert check({"n": 3, "opts": {}}, schema) == []
+  assert check({"n": 3.0, "x": None, "tags": [], "opts": {"mode": 1, "flag": True}},
+               schema) == []
+  assert check({"n": True, "opts": {}}, schema) == ["arguments.n must be integer, got boolean"]
+  assert check({"n": 3.5, "opts": {}}, schema) == ["arguments.n must be integer, got number"]
+  assert check({"n": 1, "x": "1", "opts": {}}, schema) == [
+      "arguments.x must be number or null, got string"]
+  assert check({"n": 1, "tags": ["a", 2], "opts": {}}, schema) == [
+      "arguments.tags[1] must be string, got integer"]
+  assert check({"n": 1, "opts": {"mode": True, "flag": 1}}, schema) == [
+      "arguments.opts.mode must be one of [\"a\", \"b\", 1]",
+      "arguments.opts.flag must be boolean, got integer"]
+  assert check({}, schema) == ["arguments misses the required property 'n'",
+                               "arguments misses the required property 'opts'"]
+  assert check([], schema) == ["arguments must be object, got array"]
 
 
 @pytest.mark.parametrize("layout", ["chatml", "llama3"])

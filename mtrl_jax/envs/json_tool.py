@@ -20,16 +20,18 @@ tokenizer's (`mtrl_jax.models.chat.ChatTokenizer`):
   ChatML `\\n<|im_start|>user\\n<tool_response>\\n{result}\\n</tool_response><|im_end|>\\n
   <|im_start|>assistant\\n`, padded to the static `reply_len`; a result too long for the budget
   is cut (`...`), never the template pieces.
-* A malformed call (bad JSON, no `</tool_call>`, unknown tool, bad arguments, a tool that
-  raises or returns a complex, NaN or infinite number) is answered with an error tool message
-  (`Error: ...`) and counted in `info['format_errors']`; nothing the model writes makes `step`
-  raise. Reward: `correct_reward` for a correct final answer, minus `format_penalty` per error.
+* A malformed call (bad JSON, no `</tool_call>`, unknown tool, arguments that break the
+  tool's JSON schema, a tool that raises or returns a complex, NaN or infinite number) is
+  answered with an error tool message (`Error: ...`) and counted in `info['format_errors']`;
+  nothing the model writes makes `step` raise. Reward: `correct_reward` for a correct final
+  answer, minus `format_penalty` per error.
 * Limits, checked before parsing (each an error reply): a `<tool_call>` block longer than
   `max_call_chars` characters (default `MAX_CALL_CHARS` = 4096) or nested deeper than
   `max_depth` levels (default `MAX_JSON_DEPTH` = 32); JSON numbers longer than
   `MAX_NUMBER_CHARS` (100) characters, overflowing floats and NaN/Infinity are refused. So
   neither Python's int-string limit (4,300 digits) nor its recursion limit (~1,000 levels) is
-  ever reached.
+  ever reached. Arguments are checked against the tool's schema by `validate_arguments` (the
+  subset tool schemas use) before the tool runs.
 * Tool results and error messages (which quote the model's text, cut to a few dozen
   characters) are written as plain text (`ChatTokenizer.plain`), and each reply's ids are
   checked to hold exactly the special tokens of its template frame (a reply that does not is
@@ -39,9 +41,9 @@ tokenizer's (`mtrl_jax.models.chat.ChatTokenizer`):
   demonstrations and tests; a task without one answers nothing.
 
 Tools are `Tool(name, description, parameters, fn)`: `fn(**arguments) -> str`, described to the
-model by its JSON schema `parameters` in the system prompt; any other result is written with
-`str` (`result_text`). `calculator_tool()` (safe arithmetic) and `search_tool(corpus)` (BM25
-over a small document collection) are built in.
+model by its JSON schema `parameters` in the system prompt (arguments are validated against it);
+any other result is written with `str` (`result_text`). `calculator_tool()` (safe arithmetic)
+and `search_tool(corpus)` (BM25 over a small document collection) are built in.
 
 Tasks (`mtrl_jax.tasks.Task`) come from a TFDS prompt dataset (`mtrl_jax.data.prompts`) or a
 list.
@@ -274,6 +276,98 @@ def parse_json(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
     raise ValueError(e.msg) from None
   except RecursionError:  # not reachable after the depth check; kept as a guard
     raise ValueError(f"nested deeper than {max_depth} levels") from None
+
+
+_TYPE_NAMES = ("null", "boolean", "integer", "number", "string", "array", "object")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+
+
+def _json_type(value: Any) -> str:
+  """The JSON type name of a parsed value ("integer" for ints, "number" for floats)."""
+  if value is None:
+    return "null"
+  for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+                     (list, "array"), (dict, "object")):
+    if isinstance(value, kind):
+      return name
+  return type(value).__name__
+
+
+def _is_type(value: Any, name: str) -> bool:
+  """JSON Schema's `type`: integers are numbers, 3.0 is an integer, booleans are neither."""
+  kind = _json_type(value)
+  if name == "number":
+    return kind in ("integer", "number")
+  if name == "integer":
+    return kind == "integer" or (kind == "number" and value.is_integer())
+  return kind == name
+
+
+def _same(a: Any, b: Any) -> bool:
+  """JSON equality (for `enum`): 1 == 1.0, but True != 1."""
+  ka, kb = _json_type(a), _json_type(b)
+  if ka in ("integer", "number") and kb in ("integer", "number"):
+    return a == b
+  if ka != kb:
+    return False
+  if ka == "array":
+    return len(a) == len(b) and all(map(_same, a, b))
+  if ka == "object":
+    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+  return a == b
+
+
+def validate_arguments(value: Any, schema: Any, path: str = "arguments",
+                       limit: int = 5) -> list[str]:
+  """Problems of `value` (parsed JSON) against a JSON schema, as short phrases naming the place
+  (`arguments.tags[1] must be string, got integer`); [] when it conforms. At most `limit`.
+
+  The subset tool schemas use: `type` (a name or a list; 3.0 is an integer, booleans are not
+  numbers), `enum`, `properties`, `required`, `additionalProperties` (a bool or a schema;
+  absent: allowed), `items` (one schema), and boolean schemas. Other keywords (`description`,
+  `minimum`, `pattern`, ...) and unknown type names are ignored, never errors. Recursion
+  follows `value`, whose depth `parse_json` bounds."""
+  out: list[str] = []
+  _validate(value, schema, path, out, limit)
+  return out[:limit]
+
+
+def _validate(value, schema, path, out, limit):
+  if len(out) >= limit or schema is True:
+    return
+  if schema is False:
+    out.append(f"{path} is not allowed")
+    return
+  if not isinstance(schema, Mapping):
+    return
+  kinds = schema.get("type")
+  kinds = [kinds] if isinstance(kinds, str) else list(kinds or ())
+  kinds = [k for k in kinds if k in _TYPE_NAMES]
+  if kinds and not any(_is_type(value, k) for k in kinds):
+    out.append(f"{path} must be {' or '.join(kinds)}, got {_json_type(value)}")
+    return
+  enum = schema.get("enum")
+  if isinstance(enum, (list, tuple)) and not any(_same(value, e) for e in enum):
+    out.append(f"{path} must be one of {_cut(json.dumps(list(enum), default=str), 100)}")
+  if isinstance(value, dict):
+    props = schema.get("properties")
+    props = props if isinstance(props, Mapping) else {}
+    required = schema.get("required")
+    for key in required if isinstance(required, (list, tuple)) else ():
+      if key not in value:
+        out.append(f"{path} misses the required property {key!r}")
+    extra = schema.get("additionalProperties", True)
+    for key, item in value.items():
+      where = f"{path}.{key}" if _NAME.fullmatch(key) else f"{path}[{_quote(key)}]"
+      if key in props:
+        _validate(item, props[key], where, out, limit)
+      elif extra is False:
+        out.append(f"{path} has an unexpected property {_quote(key)}")
+      else:
+        _validate(item, extra, where, out, limit)
+  if isinstance(value, list) and isinstance(schema.get("items"), (Mapping, bool)):
+    for i, item in enumerate(value):
+      _validate(item, schema["items"], f"{path}[{i}]", out, limit)
 
 
 def result_text(value: Any) -> str:
@@ -522,6 +616,9 @@ class JsonToolEnv(base.Environment):
         pass
     if not isinstance(args, dict):
       return "Error: arguments must be a JSON object.", False
+    problems = validate_arguments(args, tool.parameters)
+    if problems:
+      return f"Error: invalid arguments for {tool.name}: {'; '.join(problems)}.", False
     try:
       value = tool.fn(**args)
     except (Exception, SystemExit) as e:  # a broken call is an error reply, not a crashed rollout

@@ -20,16 +20,30 @@ tokenizer's (`mtrl_jax.models.chat.ChatTokenizer`):
   ChatML `\\n<|im_start|>user\\n<tool_response>\\n{result}\\n</tool_response><|im_end|>\\n
   <|im_start|>assistant\\n`, padded to the static `reply_len`; a result too long for the budget
   is cut (`...`), never the template pieces.
-* A malformed call (bad JSON, no `</tool_call>`, unknown tool, bad arguments, a tool that
-  raises) is answered with an error tool message (`Error: ...`) and counted in
-  `info['format_errors']`; it never raises. Reward: `correct_reward` for a correct final
+* A malformed call (bad JSON, no `</tool_call>`, unknown tool, arguments that break the
+  tool's JSON schema, a tool that raises or returns a complex, NaN or infinite number) is
+  answered with an error tool message (`Error: ...`) and counted in `info['format_errors']`;
+  nothing the model writes makes `step` raise. Reward: `correct_reward` for a correct final
   answer, minus `format_penalty` per error.
+* Limits, checked before parsing (each an error reply): a `<tool_call>` block longer than
+  `max_call_chars` characters (default `MAX_CALL_CHARS` = 4096) or nested deeper than
+  `max_depth` levels (default `MAX_JSON_DEPTH` = 32); JSON numbers longer than
+  `MAX_NUMBER_CHARS` (100) characters, overflowing floats and NaN/Infinity are refused. So
+  neither Python's int-string limit (4,300 digits) nor its recursion limit (~1,000 levels) is
+  ever reached. Arguments are checked against the tool's schema by `validate_arguments` (the
+  subset tool schemas use) before the tool runs.
+* Tool results and error messages (which quote the model's text, cut to a few dozen
+  characters) are written as plain text (`ChatTokenizer.plain`), and each reply's ids are
+  checked to hold exactly the special tokens of its template frame (a reply that does not is
+  replaced by an error reply), so `<|im_end|><|im_start|>` in a tool name or argument can never
+  become a turn boundary.
 * `expert` replays a task's `solution` (assistant turns given in the task file), for
   demonstrations and tests; a task without one answers nothing.
 
 Tools are `Tool(name, description, parameters, fn)`: `fn(**arguments) -> str`, described to the
-model by its JSON schema in the system prompt. `calculator_tool()` (safe arithmetic) and
-`search_tool(corpus)` (BM25 over a small document collection) are built in.
+model by its JSON schema `parameters` in the system prompt (arguments are validated against it);
+any other result is written with `str` (`result_text`). `calculator_tool()` (safe arithmetic)
+and `search_tool(corpus)` (BM25 over a small document collection) are built in.
 
 Tasks (`mtrl_jax.tasks.Task`) come from a TFDS prompt dataset (`mtrl_jax.data.prompts`) or a
 list.
@@ -45,6 +59,7 @@ import collections
 import dataclasses
 import json
 import math
+import numbers
 import operator
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -62,6 +77,10 @@ from mtrl_jax.tasks import Task, is_correct
 DEFAULT_SYSTEM = ("You are a helpful assistant. Use the tools when they help. When you know the "
                   "final answer, reply with it inside <answer></answer> tags, without a tool call.")
 _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+MAX_CALL_CHARS = 4096  # characters of one <tool_call> block (`JsonToolEnv.max_call_chars`)
+MAX_JSON_DEPTH = 32  # nesting levels of its JSON (`JsonToolEnv.max_depth`)
+MAX_NUMBER_CHARS = 100  # characters of one JSON number
+_QUOTE_CHARS = 60  # how much of the model's text an error message quotes
 
 
 # --- tools ------------------------------------------------------------------------------------
@@ -90,21 +109,33 @@ _UNOPS = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 def safe_eval(expression: str, max_abs: float = 1e100) -> float | int:
   """Arithmetic on numbers with + - * / // % ** and parentheses; nothing else is evaluated.
-  Raises ValueError for anything else, for huge powers and for results beyond `max_abs`."""
+  Raises ValueError for anything else, for huge powers, for results beyond `max_abs` and for
+  values that are not real, finite numbers (`(-8) ** 0.5` is complex, `1e309` infinite);
+  ZeroDivisionError for a division by zero."""
   if len(expression) > 500:
     raise ValueError("expression longer than 500 characters")
+
+  def real(value):
+    if isinstance(value, complex):
+      raise ValueError("the result is not a real number")
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError("the result is not a finite number")
+    return value
 
   def ev(node):
     if isinstance(node, ast.Expression):
       return ev(node.body)
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
         and not isinstance(node.value, bool):
-      return node.value
+      return real(node.value)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
       left, right = ev(node.left), ev(node.right)
       if isinstance(node.op, ast.Pow) and (abs(right) > 100 or abs(left) > 1e6):
         raise ValueError("power too large")
-      value = _BINOPS[type(node.op)](left, right)
+      try:
+        value = real(_BINOPS[type(node.op)](left, right))
+      except OverflowError:
+        raise ValueError("result too large") from None
       if abs(value) > max_abs:
         raise ValueError("result too large")
       return value
@@ -114,9 +145,12 @@ def safe_eval(expression: str, max_abs: float = 1e100) -> float | int:
 
   try:
     tree = ast.parse(expression.strip(), mode="eval")
-  except SyntaxError:
+  except (SyntaxError, RecursionError, MemoryError):
     raise ValueError(f"cannot parse {expression!r}") from None
-  return ev(tree)
+  try:
+    return ev(tree)
+  except RecursionError:
+    raise ValueError("expression nested too deeply") from None
 
 
 def format_number(x: float | int) -> str:
@@ -175,6 +209,187 @@ def search_tool(corpus: Sequence[Mapping[str, str]], k: int = 3, k1: float = 1.5
               fn=search)
 
 
+# --- reading a call: strict JSON, schema checks, result text ---------------------------------
+
+def _quote(text: str, limit: int = _QUOTE_CHARS) -> str:
+  """The model's text for an error message: its repr, cut to `limit` characters."""
+  return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def _cut(text: str, limit: int = 200) -> str:
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _too_deep(text: str, max_depth: int) -> bool:
+  """True if JSON text nests `[`/`{` deeper than `max_depth` (strings skipped; one linear
+  pass, no parsing, so it is safe on any input)."""
+  depth, in_string, escaped = 0, False, False
+  for c in text:
+    if in_string:
+      if escaped:
+        escaped = False
+      elif c == "\\":
+        escaped = True
+      elif c == '"':
+        in_string = False
+    elif c == '"':
+      in_string = True
+    elif c in "[{":
+      depth += 1
+      if depth > max_depth:
+        return True
+    elif c in "]}":
+      depth -= 1
+  return False
+
+
+def _parse_int(text: str) -> int:
+  if len(text) > MAX_NUMBER_CHARS:
+    raise ValueError(f"a number longer than {MAX_NUMBER_CHARS} characters")
+  return int(text)
+
+
+def _parse_float(text: str) -> float:
+  if len(text) > MAX_NUMBER_CHARS:
+    raise ValueError(f"a number longer than {MAX_NUMBER_CHARS} characters")
+  value = float(text)
+  if not math.isfinite(value):
+    raise ValueError("a number too large for a float")
+  return value
+
+
+def _parse_constant(text: str):
+  raise ValueError(f"{text} is not JSON")
+
+
+def parse_json(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+  """Strict JSON text -> value. Raises ValueError (only), its message a short reason for the
+  model: nesting deeper than `max_depth` (checked before parsing), numbers longer than
+  `MAX_NUMBER_CHARS` or beyond float range, NaN/Infinity, and malformed JSON. Bound `text`'s
+  length before calling (`JsonToolEnv.max_call_chars`)."""
+  if _too_deep(text, max_depth):
+    raise ValueError(f"nested deeper than {max_depth} levels")
+  try:
+    return json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
+                      parse_constant=_parse_constant)
+  except json.JSONDecodeError as e:
+    raise ValueError(e.msg) from None
+  except RecursionError:  # not reachable after the depth check; kept as a guard
+    raise ValueError(f"nested deeper than {max_depth} levels") from None
+
+
+_TYPE_NAMES = ("null", "boolean", "integer", "number", "string", "array", "object")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+
+
+def _json_type(value: Any) -> str:
+  """The JSON type name of a parsed value ("integer" for ints, "number" for floats)."""
+  if value is None:
+    return "null"
+  for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+                     (list, "array"), (dict, "object")):
+    if isinstance(value, kind):
+      return name
+  return type(value).__name__
+
+
+def _is_type(value: Any, name: str) -> bool:
+  """JSON Schema's `type`: integers are numbers, 3.0 is an integer, booleans are neither."""
+  kind = _json_type(value)
+  if name == "number":
+    return kind in ("integer", "number")
+  if name == "integer":
+    return kind == "integer" or (kind == "number" and value.is_integer())
+  return kind == name
+
+
+def _same(a: Any, b: Any) -> bool:
+  """JSON equality (for `enum`): 1 == 1.0, but True != 1."""
+  ka, kb = _json_type(a), _json_type(b)
+  if ka in ("integer", "number") and kb in ("integer", "number"):
+    return a == b
+  if ka != kb:
+    return False
+  if ka == "array":
+    return len(a) == len(b) and all(map(_same, a, b))
+  if ka == "object":
+    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+  return a == b
+
+
+def validate_arguments(value: Any, schema: Any, path: str = "arguments",
+                       limit: int = 5) -> list[str]:
+  """Problems of `value` (parsed JSON) against a JSON schema, as short phrases naming the place
+  (`arguments.tags[1] must be string, got integer`); [] when it conforms. At most `limit`.
+
+  The subset tool schemas use: `type` (a name or a list; 3.0 is an integer, booleans are not
+  numbers), `enum`, `properties`, `required`, `additionalProperties` (a bool or a schema;
+  absent: allowed), `items` (one schema), and boolean schemas. Other keywords (`description`,
+  `minimum`, `pattern`, ...) and unknown type names are ignored, never errors. Recursion
+  follows `value`, whose depth `parse_json` bounds."""
+  out: list[str] = []
+  _validate(value, schema, path, out, limit)
+  return out[:limit]
+
+
+def _validate(value, schema, path, out, limit):
+  if len(out) >= limit or schema is True:
+    return
+  if schema is False:
+    out.append(f"{path} is not allowed")
+    return
+  if not isinstance(schema, Mapping):
+    return
+  kinds = schema.get("type")
+  kinds = [kinds] if isinstance(kinds, str) else list(kinds or ())
+  kinds = [k for k in kinds if k in _TYPE_NAMES]
+  if kinds and not any(_is_type(value, k) for k in kinds):
+    out.append(f"{path} must be {' or '.join(kinds)}, got {_json_type(value)}")
+    return
+  enum = schema.get("enum")
+  if isinstance(enum, (list, tuple)) and not any(_same(value, e) for e in enum):
+    out.append(f"{path} must be one of {_cut(json.dumps(list(enum), default=str), 100)}")
+  if isinstance(value, dict):
+    props = schema.get("properties")
+    props = props if isinstance(props, Mapping) else {}
+    required = schema.get("required")
+    for key in required if isinstance(required, (list, tuple)) else ():
+      if key not in value:
+        out.append(f"{path} misses the required property {key!r}")
+    extra = schema.get("additionalProperties", True)
+    for key, item in value.items():
+      where = f"{path}.{key}" if _NAME.fullmatch(key) else f"{path}[{_quote(key)}]"
+      if key in props:
+        _validate(item, props[key], where, out, limit)
+      elif extra is False:
+        out.append(f"{path} has an unexpected property {_quote(key)}")
+      else:
+        _validate(item, extra, where, out, limit)
+  if isinstance(value, list) and isinstance(schema.get("items"), (Mapping, bool)):
+    for i, item in enumerate(value):
+      _validate(item, schema["items"], f"{path}[{i}]", out, limit)
+
+
+def result_text(value: Any) -> str:
+  """A tool's return value as reply text: `str(value)`. Raises ValueError, saying what it was,
+  for a number that is not real and finite (complex, NaN, infinite; Python or numpy scalars and
+  arrays) and for a value whose `str` fails."""
+  if isinstance(value, str):
+    return value
+  if isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
+    raise ValueError("a complex number, not a real one")
+  if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) \
+      and not math.isfinite(value):
+    raise ValueError(f"{value}, not a finite number")
+  if isinstance(value, np.ndarray) and value.dtype.kind in "fc" and (
+      value.dtype.kind == "c" or not np.isfinite(value).all()):
+    raise ValueError("an array with complex or non-finite numbers")
+  try:
+    return str(value)
+  except Exception as e:
+    raise ValueError(f"a value that cannot be written as text ({type(e).__name__})") from None
+
+
 # --- the environment --------------------------------------------------------------------------
 
 @flax.struct.dataclass
@@ -206,11 +421,15 @@ class JsonToolEnv(base.Environment):
   def __init__(self, tokenizer, tasks: Sequence[Task], tools: Sequence[Tool], *,
                system: str | None = DEFAULT_SYSTEM, prompt_len: int | None = None,
                reply_len: int = 128, max_turns: int = 4, max_calls_per_turn: int = 4,
+               max_call_chars: int = MAX_CALL_CHARS, max_depth: int = MAX_JSON_DEPTH,
                template_kwargs: Mapping[str, Any] | None = None):
     """tokenizer: a `ChatTokenizer`; tasks: the prompts; tools: the Python tools (unique
     names); system: system prompt (None: none); prompt_len: static prompt budget (default: the
     longest prompt; a longer prompt is an error naming `prompt_len`); reply_len: static reply
-    budget (tokens); max_turns: agent turns per episode; template_kwargs: extra variables for
+    budget (tokens; it must hold the frame of `max_calls_per_turn + 2` results: the calls and
+    two error notes); max_turns: agent turns per episode; max_call_chars: longest
+    `<tool_call>` block parsed (characters; longer is an error reply); max_depth: deepest JSON
+    nesting parsed (levels; deeper is an error reply); template_kwargs: extra variables for
     the chat template (e.g. `enable_thinking=False` for Qwen3)."""
     super().__init__(tokenizer)
     if not tasks:
@@ -219,16 +438,27 @@ class JsonToolEnv(base.Environment):
     if len(set(names)) != len(names):
       raise ValueError(f"tool names must be unique, got {names}")
     for name, v in (("reply_len", reply_len), ("max_turns", max_turns),
-                    ("max_calls_per_turn", max_calls_per_turn)):
-      if not isinstance(v, (int, np.integer)) or v < 1:
+                    ("max_calls_per_turn", max_calls_per_turn), ("max_call_chars", max_call_chars),
+                    ("max_depth", max_depth)):
+      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
         raise ValueError(f"JsonToolEnv.{name} must be a positive integer, got {v!r}")
     self.tokenizer, self.tasks, self.tools = tokenizer, tuple(tasks), {t.name: t for t in tools}
     self.system, self._max_turns, self._reply_len = system, int(max_turns), int(reply_len)
     self.max_calls_per_turn = int(max_calls_per_turn)
-    frame = len(tokenizer.tool_reply_ids([""]))
+    self.max_call_chars, self.max_depth = int(max_call_chars), int(max_depth)
+    most = self.max_calls_per_turn + 2  # results of one turn: calls, unclosed, over the limit
+    frame = len(tokenizer.tool_reply_ids([""] * most))
     if frame >= reply_len:
       raise ValueError(f"JsonToolEnv.reply_len={reply_len} cannot hold the tool reply frame "
-                       f"({frame} tokens of template pieces) and any content")
+                       f"for {most} results (max_calls_per_turn={max_calls_per_turn} calls and "
+                       f"two error notes: {frame} tokens of template pieces) and any content")
+    # The special and frame tokens each reply may hold: exactly those of its frame.
+    self._protected = frozenset(tokenizer.protected_tokens())
+    self._frame_tokens = {k: self._protected_counts(tokenizer.tool_reply_ids([""] * k))
+                          for k in range(1, most + 1)}
+    self._unwritable = self._fixed_reply("Error: the tool reply could not be written as plain "
+                                         "text.")
+    self._failed = self._fixed_reply("Error: the tool call could not be answered.")
     schemas = [t.schema for t in tools] or None
     prompts = [tokenizer.prompt_ids(t.question, system, schemas, **dict(template_kwargs or {}))
                for t in self.tasks]
@@ -260,6 +490,16 @@ class JsonToolEnv(base.Environment):
     self._default = JsonToolParams(prompts=jnp.asarray(prompt_arr),
                                    prompt_lens=jnp.asarray([len(p) for p in prompts], jnp.int32),
                                    demo=jnp.asarray(demo), demo_lens=jnp.asarray(demo_lens))
+
+  def _protected_counts(self, ids: Sequence[int]) -> collections.Counter:
+    return collections.Counter(i for i in ids if i in self._protected)
+
+  def _fixed_reply(self, message: str) -> list[int]:
+    """Reply ids of a fixed error message (checked: plain, within `reply_len`)."""
+    ids, _ = self.tokenizer.fit_reply("tool", [message], self.reply_len)
+    if self._protected_counts(ids) != self._frame_tokens[1]:
+      raise ValueError(f"the tokenizer writes {message!r} with special tokens")
+    return ids
 
   # --- static description -----------------------------------------------------------------
   def symbols(self):
@@ -326,7 +566,7 @@ class JsonToolEnv(base.Environment):
   # --- the host side ------------------------------------------------------------------------
   def respond(self, text: str, task: Task) -> tuple[list[str] | None, bool, int, int]:
     """Python view of one turn: (tool results or None for a final answer, success, valid
-    calls, errors)."""
+    calls, errors). Results are plain text (`ChatTokenizer.plain`), one per call or error."""
     opens = text.count("<tool_call>")
     if not opens:
       return None, is_correct(text, task), 0, 0
@@ -344,32 +584,49 @@ class JsonToolEnv(base.Environment):
       results.append(result)
       calls += ok
       errors += not ok
-    return results, False, calls, errors
+    return [self.tokenizer.plain(r) for r in results], False, calls, errors
 
   def call(self, block: str) -> tuple[str, bool]:
-    """Run one `<tool_call>` body: (result text, ok). Never raises."""
+    """Run one `<tool_call>` body: (result text, ok). Never raises (only `KeyboardInterrupt`
+    passes): every failure is an `Error: ...` text with ok False. The text may quote the
+    model's words (cut short); `respond` makes it plain text."""
     try:
-      call = json.loads(block)
-    except json.JSONDecodeError as e:
-      return f"Error: the tool call is not valid JSON ({e.msg}).", False
+      return self._call(block)
+    except (Exception, SystemExit) as e:
+      return f"Error: the tool call could not be handled ({type(e).__name__}).", False
+
+  def _call(self, block: str) -> tuple[str, bool]:
+    if len(block) > self.max_call_chars:
+      return f"Error: the tool call is longer than {self.max_call_chars} characters.", False
+    try:
+      call = parse_json(block, self.max_depth)
+    except ValueError as e:
+      return f"Error: the tool call is not valid JSON ({e}).", False
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
       return 'Error: a tool call must be {"name": ..., "arguments": {...}}.', False
     tool = self.tools.get(call["name"])
     if tool is None:
-      return (f"Error: unknown tool {call['name']!r}; available: "
+      return (f"Error: unknown tool {_quote(call['name'])}; available: "
               f"{', '.join(sorted(self.tools))}."), False
     args = call.get("arguments", {})
     if isinstance(args, str):  # some models write the arguments as a JSON string
       try:
-        args = json.loads(args)
-      except json.JSONDecodeError:
+        args = parse_json(args, self.max_depth)
+      except ValueError:
         pass
     if not isinstance(args, dict):
       return "Error: arguments must be a JSON object.", False
+    problems = validate_arguments(args, tool.parameters)
+    if problems:
+      return f"Error: invalid arguments for {tool.name}: {'; '.join(problems)}.", False
     try:
-      return str(tool.fn(**args)), True
-    except Exception as e:  # a broken call is an error reply, not a crashed rollout
-      return f"Error: {tool.name} failed: {type(e).__name__}: {e}", False
+      value = tool.fn(**args)
+    except (Exception, SystemExit) as e:  # a broken call is an error reply, not a crashed rollout
+      return f"Error: {tool.name} failed: {type(e).__name__}: {_cut(str(e))}", False
+    try:
+      return result_text(value), True
+    except ValueError as e:
+      return f"Error: {tool.name} returned {e}.", False
 
   def _host(self, live, task, tokens, length):
     """numpy in, numpy out; leading batch dims are whatever vmap gave us."""
@@ -385,21 +642,35 @@ class JsonToolEnv(base.Environment):
     success = np.zeros(batch, bool)
     calls = np.zeros(batch, np.int32)
     errors = np.zeros(batch, np.int32)
-    eot = self.tokenizer.eot_id
     for idx in zip(*np.nonzero(live)) if live.ndim else ([()] if live else []):
-      ids = tokens[idx][: int(length[idx])].tolist()
-      if ids and ids[-1] == eot:
-        ids = ids[:-1]
-      text = self.tokenizer.decode(ids)
-      results, ok, n_calls, n_errors = self.respond(text, self.tasks[int(task[idx])])
-      if results is None:
+      try:
+        ids, done, ok, n_calls, n_errors = self._answer(tokens[idx], int(length[idx]),
+                                                        int(task[idx]))
+      except (Exception, SystemExit):  # the last guard: a row's failure is its error reply
+        ids, done, ok, n_calls, n_errors = self._failed, False, False, 0, 1
+      if done:
         answered[idx], success[idx] = True, ok
         continue
-      ids, _ = self.tokenizer.fit_reply("tool", results, R)
       reply[idx][: len(ids)] = ids
       reply_n[idx] = len(ids)
       calls[idx], errors[idx] = n_calls, n_errors
     return reply, reply_n, answered, success, calls, errors
+
+  def _answer(self, tokens: np.ndarray, length: int, task: int
+              ) -> tuple[list[int], bool, bool, int, int]:
+    """One finished turn (tokens [A], its length) -> (reply ids, answered, success, valid
+    calls, errors). A reply whose ids hold special tokens its frame does not is replaced by an
+    error reply (one more error)."""
+    ids = tokens[:length].tolist()
+    if ids and ids[-1] == self.tokenizer.eot_id:
+      ids = ids[:-1]
+    results, ok, n_calls, n_errors = self.respond(self.tokenizer.decode(ids), self.tasks[task])
+    if results is None:
+      return [], True, ok, 0, 0
+    ids, _ = self.tokenizer.fit_reply("tool", results, self.reply_len)
+    if self._protected_counts(ids) != self._frame_tokens[len(results)]:
+      ids, n_errors = self._unwritable, n_errors + 1
+    return ids, False, False, n_calls, n_errors
 
 
 # --- pure-JAX environments through a real tokenizer ----------------------------------------

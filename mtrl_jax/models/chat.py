@@ -36,7 +36,10 @@ symbol vocabularies), which in a real tokenizer is also a real token: use `loss_
 and `turn_end`, not token values, to find padding. Ids the policy must never sample
 (`never_sampled_ids`: role headers, begin-of-text, the padding/end-of-text token, and ids
 beyond the tokenizer's vocabulary that the model's embedding may still have) are masked out of
-the sampling distribution.
+the sampling distribution. Text from outside the template (a tool's result, the model's words
+quoted in an error message) goes through `plain(text)`, which removes the strings of the
+`protected_tokens` (special tokens, the template's added tokens), so that it is tokenized as
+plain text and can never become a role header or an end-of-turn.
 
 Environment symbols: `symbol_ids(symbol)` maps a `vocab.Vocab` symbol (`<eot>`, `<user>`, a
 word, a digit) to its token sequence under this tokenizer and layout, so the pure-JAX
@@ -48,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from datetime import datetime
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -159,6 +163,7 @@ class ChatTokenizer:
     self.eot_id = int(tokenizer.token_to_id(layout.eot))
     self.size = int(tokenizer.get_vocab_size(with_added_tokens=True))
     self._compiled = None
+    self._protected = None  # (ids -> text, regex), built on first use
 
   @staticmethod
   def _detect(tokenizer) -> ChatLayout:
@@ -241,6 +246,35 @@ class ChatTokenizer:
     """Ids the policy must never emit: the layout's banned special tokens (those present)."""
     out = [self.tokenizer.token_to_id(t) for t in self.layout.banned]
     return sorted({int(i) for i in out if i is not None})
+
+  def protected_tokens(self) -> dict[int, str]:
+    """Added tokens that text from outside the template (a tool result, the model's words
+    quoted in an error message) must never produce: `{id: text}`. They are the tokens flagged
+    special, the layout's required and banned ones, and every added token of the tool reply
+    frame (`<tool_response>`, `</tool_response>`), special or not. Other added tokens that are
+    not special (`<tool_call>`, `<think>`) are ordinary text here."""
+    if self._protected is None:
+      L = self.layout
+      frame = L.reply("tool", [""])
+      tokens = {int(i): t.content for i, t in self.tokenizer.get_added_tokens_decoder().items()
+                if t.special or t.content in frame or t.content in L.required + L.banned}
+      texts = sorted(set(tokens.values()), key=len, reverse=True)
+      self._protected = tokens, re.compile("|".join(map(re.escape, texts))) if texts else None
+    return dict(self._protected[0])
+
+  def plain(self, text: str) -> str:
+    """`text` with every `protected_tokens` string removed, repeatedly until none is left (so
+    removing one cannot join its neighbours into another): `encode(plain(text))` holds none
+    of their ids, for tokens matched on the raw text (`normalized=False`, as special tokens
+    are). `JsonToolEnv` still checks its replies' ids, since a token could in principle span
+    the text and the template piece next to it."""
+    self.protected_tokens()
+    pattern = self._protected[1]
+    while pattern is not None:
+      text, n = pattern.subn("", text)
+      if not n:
+        break
+    return text
 
   # --- chat pieces ------------------------------------------------------------------------
   def render_layout(self, messages: Sequence[Mapping[str, str]],

@@ -134,8 +134,8 @@ def main(argv):
     return
   try:
     runner = rlag.make_train(config)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  except ValueError as e:  # one line, exit 2, like the other programs
+    cli.config_error(e)
   workdir = config.workdir
   os.makedirs(workdir, exist_ok=True)
   n = int(config.num_seeds)

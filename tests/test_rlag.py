@@ -3,6 +3,8 @@ masks and config validation, each against a plain reference."""
 
 import os
 import runpy
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -333,3 +335,12 @@ def test_experiment_runs_end_to_end(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "| RLAG |" in out.stdout
   assert (tmp_path / "p.png").exists() and (tmp_path / "rlag" / "metrics.jsonl").exists()
+
+
+def test_cli_bad_value_is_one_line_exit_2():
+  out = subprocess.run([sys.executable, "-m", "experiments.rlag", f"--config={CONFIG}",
+                        "--config.train.arms=sft,dpo"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=180)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().startswith("error:") and "dpo" in out.stderr
+  assert "Traceback" not in out.stderr

@@ -329,8 +329,7 @@ def test_experiment_runs_end_to_end(tmp_path):
   import sys
   cmd = [sys.executable, "-m", "experiments.rlag", f"--config={CONFIG}",
          f"--config.workdir={tmp_path}", f"--plot={tmp_path}/p.png", "--config.num_seeds=2",
-         "--config.warm.steps=4", "--config.train.steps=4", "--config.train.eval_every=2",
-         "--config.model.d_model=32", "--config.model.num_layers=1"]
+         "--config.warm.steps=4", "--config.train.steps=4", "--config.train.eval_every=2"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "| RLAG |" in out.stdout

@@ -38,8 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, warmup=5, b1=0.9, b2=0.999, grad_clip=1.0, weight_decay=0.0))
   # Supervised warm start on (noisy) expert demonstrations, generated on the fly or, with
-  # `dataset` set, read from a TFDS dataset in `data_dir` built by mtrl_jax.data.build_demo_dataset
-  # (for the same environment settings).
+  # `dataset` set, read from a TFDS dataset in `data_dir` built by
+  # mtrl_jax.data.demos.build_demo_dataset (for the same environment settings).
   config.sft = ml_collections.ConfigDict(dict(steps=300, batch_size=32, lr=1e-3, noise=0.3,
                                               data_dir="", dataset=""))
   config.train = ml_collections.ConfigDict(dict(

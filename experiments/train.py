@@ -60,7 +60,7 @@ def _host(metrics, num_seeds: int) -> dict[str, float]:
 def _dataset_batches(config, trainer):
   """Infinite iterator of (tokens, loss_mask) from `config.sft.dataset`; checks that it was
   built for this environment's vocabulary."""
-  from mtrl_jax import data
+  from mtrl_jax.data import demos as data
   try:
     _, meta = data.load_demo_dataset(config.sft.data_dir, config.sft.dataset)
   except ValueError as e:

@@ -333,7 +333,7 @@ class Trainer:
 
   def sft_update(self, state: TrainState, tokens, loss_mask):
     """One behaviour-cloning step on given demonstrations (e.g. a batch of a TFDS dataset from
-    `mtrl_jax.data.demo_batches`). tokens: [B, T] int32; loss_mask: [B, T] bool, the expert's
+    `mtrl_jax.data.demos.demo_batches`). tokens: [B, T] int32; loss_mask: [B, T] bool, the expert's
     tokens. Loss: mean negative log-likelihood over those tokens."""
 
     def loss_fn(params):

@@ -41,7 +41,9 @@ def _resolve(dotted: str, modules) -> str | None:
 def imports_of(source: str, name: str, modules, is_package: bool = False) -> set[str]:
   """The modules of `modules` that module `name` (with this `source`) imports anywhere in its
   code: `import a.b` -> a.b; `from a import b` -> a.b if that is a module, else a; relative
-  imports are resolved against `name`. Self-imports are left out."""
+  imports are resolved against `name`. Importing a submodule also runs its packages'
+  `__init__`, so each package above an imported module is imported too (except the packages
+  above `name` itself, which are initialised before `name` is). Self-imports are left out."""
   out = set()
   for node in ast.walk(ast.parse(source)):
     if isinstance(node, ast.Import):
@@ -56,7 +58,14 @@ def imports_of(source: str, name: str, modules, is_package: bool = False) -> set
       for alias in node.names:
         sub = f"{base}.{alias.name}"
         out.add(sub if sub in modules else _resolve(base, modules))
-  return {m for m in out if m is not None and m != name}
+  own = {".".join(name.split(".")[:n]) for n in range(1, name.count(".") + 1)}
+  if is_package:
+    own.add(name)
+  for m in [m for m in out if m is not None]:
+    parts = m.split(".")
+    out.update(p for p in (".".join(parts[:n]) for n in range(1, len(parts)))
+               if p in modules and p not in own)
+  return {m for m in out if m is not None and m != name and m not in own}
 
 
 def import_graph(root: pathlib.Path = ROOT, package: str = PACKAGE) -> dict[str, set[str]]:
@@ -124,7 +133,8 @@ def test_imports_are_resolved_to_modules():
             "from p.sub.c import name as n\n"
             "def lazy():\n  from p import a\n  import numpy\n")
   assert imports_of(source, "p.x", modules) == {"p.a", "p.sub.b", "p.sub", "p.sub.c"}
-  assert imports_of("def f():\n  from p.sub import c\n", "p.a", modules) == {"p.sub.c"}
+  # Importing p.sub.c runs p.sub's __init__ too.
+  assert imports_of("def f():\n  from p.sub import c\n", "p.a", modules) == {"p.sub.c", "p.sub"}
   # Relative imports, from a module and from a package's __init__; self-imports left out.
   assert imports_of("from . import c\nfrom .. import a\n", "p.sub.b", modules) == \
       {"p.sub.c", "p.a"}
@@ -135,6 +145,12 @@ def test_imports_are_resolved_to_modules():
   graph = {"p.a": imports_of("def f():\n  from p.sub import b\n", "p.a", modules),
            "p.sub.b": imports_of("from p import a\n", "p.sub.b", modules)}
   assert find_cycle(graph) == ["p.a", "p.sub.b", "p.a"]
+  # A cycle through a package's __init__: p.a imports p.sub.c, whose package p.sub re-exports
+  # p.sub.b, which imports p.a (registry -> json_tool -> data.prompts -> data -> data.demos).
+  graph = {"p.a": imports_of("def f():\n  from p.sub import c\n", "p.a", modules),
+           "p.sub": imports_of("from p.sub.b import f\n", "p.sub", modules, is_package=True),
+           "p.sub.b": imports_of("from p import a\n", "p.sub.b", modules), "p.sub.c": set()}
+  assert find_cycle(graph) is not None
 
 
 # --- the package --------------------------------------------------------------------------------

@@ -306,7 +306,7 @@ def test_cli_resume_intact_after_a_corrupt_latest_checkpoint(tmp_path):
 
 
 def test_sft_from_a_tfds_dataset(tmp_path):
-  from mtrl_jax import data
+  from mtrl_jax.data import demos as data
   tr, _, _, _ = trainer_and_fns()
   builder = data.build_demo_dataset(tmp_path, "calculator", 16, tr.rollout_config.max_len,
                                     noise=0.3)

@@ -1,8 +1,8 @@
-"""Datasets on disk: expert demonstrations as TFDS `array_record` files (see `demos`)."""
+"""Datasets on disk, as TFDS `array_record` files: expert demonstrations (`mtrl_jax.data.demos`)
+and prompt datasets from JSONL task files (`mtrl_jax.data.prompts`).
 
-from mtrl_jax.data.demos import (DemoConfig, DemoDataset, batch_to_trajectory,
-                                 build_demo_dataset, demo_batches, demo_config, demo_env,
-                                 list_demo_datasets, load_demo_dataset)
-
-__all__ = ["DemoConfig", "DemoDataset", "batch_to_trajectory", "build_demo_dataset",
-           "demo_batches", "demo_config", "demo_env", "list_demo_datasets", "load_demo_dataset"]
+Import the submodule you need (`from mtrl_jax.data import demos`). This `__init__` imports
+nothing: `demos` builds environments through the registry, and the registry's `json_tool`
+factory reads `prompts`, so re-exporting `demos` here made an import cycle
+(registry -> json_tool -> data -> data.demos -> registry).
+"""

@@ -24,9 +24,27 @@ clock. Two numbers per environment:
 compile excluded) and of a host-loop baseline built from the same pieces the way host-side
 frameworks run multi-turn rollouts (a jitted decode step per token called from Python, the
 environment stepped per row per turn in Python); `speedup` is their ratio. Then
-`decode_step` rows: the time of one one-token decode call vs the cache size (`max_len`) and
-the filled length (`filled`), which shows what dense masked attention over the static cache
-costs.
+`decode` rows: the time of one one-token decode call vs the cache size (`max_len`) and the
+filled length (`filled`).
+
+    python -m experiments.benchmark decode [--model tiny qwen2.5-0.5b] [--max_len 512 2048 8192]
+
+`decode`: ms per one-token decode call with 16 slots filled and with the cache full, for
+blockwise decode attention (blocks of `decode_block` up to the filled length) and for dense
+attention over the whole static cache; `decode_ratio` is 16-filled over full, blockwise.
+
+    python -m experiments.benchmark memory [--model qwen2.5-0.5b ...] [--batch 64]
+        [--max_len 2048] [--minibatches 4] [--extrapolate_from 2 4]
+    python -m experiments.benchmark compile [--model qwen2.5-0.5b] [--layers 2 8 24 28]
+
+`memory`: compiles (does not run) the real train step (quickstart algorithm: calculator, PPO
+with the turn-level critic, rematerialised blocks) for a published model shape
+(`transformer.REAL_SHAPES`, random weights as `jax.ShapeDtypeStruct`, nothing allocated) and
+prints `compiled.memory_analysis()`: `peak_bytes_per_device`, `argument_bytes`, `temp_bytes`,
+`output_bytes`, `alias_bytes` (the donated state reused for the new one), `compile_s`. With
+`--extrapolate_from` it compiles at those depths and extrapolates linearly (blocks are scanned,
+so memory is affine in depth), saying so in `extrapolated_from`. `compile`: compile seconds and
+HLO instruction count of the same step at several depths.
 
 `train`: the quickstart's full jitted train step (rollout, scoring, PPO updates): sampled
 tokens/s and approximate model FLOP/s as a fraction of a measured f32 matmul peak, for each
@@ -37,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -286,31 +305,6 @@ def bench_rollout(env_name: str, preset: str, batch: int, repeats: int, host_loo
   return out
 
 
-def bench_decode_step(preset: str, batch: int, max_len: int, filled: int, iters: int = 50,
-                      vocab_size: int = 128) -> dict:
-  """Time of one jitted one-token decode call at a given cache size and filled length."""
-  from mtrl_jax.models import transformer as tf
-  cfg = dataclasses.replace(tf.model_config(preset, vocab_size), value_head=False)
-  params = tf.init_params(cfg, jax.random.key(0))
-  cache = tf.init_cache(cfg, batch, max_len)
-
-  @jax.jit
-  def steps(params, cache):
-    def body(i, c):
-      _, _, c = tf.apply(cfg, params, jnp.ones((batch, 1), jnp.int32),
-                         jnp.full((batch, 1), filled, jnp.int32), cache=c)
-      return c
-    return jax.lax.fori_loop(0, iters, body, cache)
-
-  jax.block_until_ready(steps(params, cache))
-  t0 = time.perf_counter()
-  jax.block_until_ready(steps(params, cache))
-  per = (time.perf_counter() - t0) / iters
-  return {"bench": "decode_step", "model": preset, "batch": batch, "max_len": max_len,
-          "filled": filled, "ms_per_token_step": round(per * 1e3, 3),
-          "tokens_per_s": round(batch / per, 1), "device": _device()}
-
-
 def cmd_rollout(args) -> int:
   for env_name in args.env or ["calculator", "search", "fix", "retrieval"]:
     for preset in args.model:
@@ -320,7 +314,7 @@ def cmd_rollout(args) -> int:
   if not args.no_context_sweep:
     for max_len in (128, 256, 512, 1024):
       for filled in sorted({16, max_len // 2, max_len - 1}):
-        print(json.dumps(bench_decode_step("tiny", 64, max_len, filled)), flush=True)
+        print(json.dumps(bench_decode("tiny", 64, max_len, filled, iters=50)), flush=True)
   return 0
 
 
@@ -392,6 +386,167 @@ def cmd_train(args) -> int:
   return 0
 
 
+# --- memory / compile -------------------------------------------------------------------------
+
+def real_shape_config(model: str, batch: int, max_len: int, minibatches: int, *,
+                      layers: int | None = None, kl_coef: float = 0.0, **model_fields):
+  """The quickstart config (calculator, PPO with the turn-level critic) on a real model shape
+  (`transformer.REAL_SHAPES`), `batch` episodes of `max_len` tokens, `minibatches` updates per
+  epoch, rematerialised blocks; `layers` overrides the depth."""
+  from configs.quickstart import get_config
+  config = get_config()
+  config.model = dict(preset=model, remat="full", **model_fields)
+  if layers is not None:
+    config.model["num_layers"] = layers
+  config.rollout.num_envs = batch
+  config.rollout.max_len = max_len
+  config.algo.minibatches = minibatches
+  config.algo.kl_coef = kl_coef
+  return config
+
+
+def compile_train_step(config):
+  """(trainer, compiled train step, compile seconds): `Trainer.train_step` lowered with
+  abstract `jax.ShapeDtypeStruct` state (no weights, nothing allocated), state donated."""
+  from mtrl_jax import train as train_lib
+  trainer = train_lib.make_train(config)
+  state = jax.eval_shape(lambda k: trainer.start_rl(trainer.init(k)), jax.random.key(0))
+  t0 = time.perf_counter()
+  compiled = jax.jit(trainer.train_step, donate_argnums=0).lower(state).compile()
+  return trainer, compiled, time.perf_counter() - t0
+
+
+def _memory_fields(compiled) -> dict:
+  m = compiled.memory_analysis()
+  fields = {"argument_bytes": m.argument_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
+            "output_bytes": m.output_size_in_bytes, "alias_bytes": m.alias_size_in_bytes}
+  peak = getattr(m, "peak_memory_in_bytes", 0) or (
+      fields["argument_bytes"] + fields["output_bytes"] + fields["temp_bytes"]
+      - fields["alias_bytes"])
+  return {"peak_bytes_per_device": int(peak), **{k: int(v) for k, v in fields.items()}}
+
+
+def bench_memory(model: str, batch: int, max_len: int, minibatches: int, *,
+                 extrapolate_from: list[int] | None = None, kl_coef: float = 0.0,
+                 **model_fields) -> dict:
+  """Buffer sizes of the compiled real-shape train step (`compiled.memory_analysis()`).
+
+  With `extrapolate_from` (e.g. [2, 4]) the step is compiled at those depths and every byte
+  count is extrapolated linearly to the model's depth (the per-layer cost is the slope: blocks
+  are scanned, so memory is affine in depth), for shapes that do not compile here in
+  reasonable time or memory."""
+  from mtrl_jax.models import transformer as tf
+  depth = tf.REAL_SHAPES[model]["num_layers"]
+  base = {"bench": "memory", "model": model, "devices": 1, "batch": batch, "max_len": max_len,
+          "minibatches": minibatches, "layers": depth, "kl_coef": kl_coef, **model_fields}
+  if not extrapolate_from:
+    trainer, compiled, dt = compile_train_step(real_shape_config(
+        model, batch, max_len, minibatches, kl_coef=kl_coef, **model_fields))
+    return {**base, "params": trainer.model_config.num_params(), **_memory_fields(compiled),
+            "compile_s": round(dt, 1), "device": _device()}
+  points = []
+  for layers in extrapolate_from:
+    trainer, compiled, dt = compile_train_step(real_shape_config(
+        model, batch, max_len, minibatches, layers=layers, kl_coef=kl_coef, **model_fields))
+    points.append((layers, _memory_fields(compiled), dt))
+  (l0, m0, _), (l1, m1, _) = points[0], points[-1]
+  fields = {k: int(m0[k] + (m1[k] - m0[k]) * (depth - l0) / (l1 - l0)) for k in m0}
+  cfg = dataclasses.replace(trainer.model_config, num_layers=depth)
+  return {**base, "params": cfg.num_params(), **fields,
+          "compile_s": round(sum(p[2] for p in points), 1),
+          "extrapolated_from": [p[0] for p in points], "device": _device()}
+
+
+def cmd_memory(args) -> int:
+  fields = {}
+  if args.param_dtype:
+    fields["param_dtype"] = args.param_dtype
+  if args.dtype:
+    fields["dtype"] = args.dtype
+  if args.logits_chunk:
+    fields["logits_chunk"] = args.logits_chunk
+  for model in args.model:
+    print(json.dumps(bench_memory(model, args.batch, args.max_len, args.minibatches,
+                                  extrapolate_from=args.extrapolate_from,
+                                  kl_coef=args.kl_coef, **fields)), flush=True)
+  return 0
+
+
+def bench_compile(model: str, layers: int, batch: int, max_len: int, minibatches: int) -> dict:
+  """Compile time and HLO size of the real-shape train step at a given depth."""
+  _, compiled, dt = compile_train_step(real_shape_config(model, batch, max_len, minibatches,
+                                                         layers=layers))
+  return {"bench": "compile", "model": model, "layers": layers, "batch": batch,
+          "max_len": max_len, "compile_s": round(dt, 1),
+          "hlo_ops": sum(1 for line in compiled.as_text().splitlines() if " = " in line),
+          "device": _device()}
+
+
+def cmd_compile(args) -> int:
+  for layers in args.layers:
+    print(json.dumps(bench_compile(args.model, layers, args.batch, args.max_len,
+                                   args.minibatches)), flush=True)
+  return 0
+
+
+def bench_decode(model: str, batch: int, max_len: int, filled: int, *, iters: int,
+                 blockwise: bool = True, layers: int | None = None,
+                 decode_block: int | None = None) -> dict:
+  """ms per one-token decode call at cache size `max_len` with `filled` slots in use.
+  `blockwise=False` attends densely over the whole static cache (the cost before blockwise
+  decode): the same model with `decode_block = max_len`."""
+  from mtrl_jax.models import transformer as tf
+  overrides = {} if layers is None else {"num_layers": layers}
+  if decode_block is not None:
+    overrides["decode_block"] = decode_block
+  cfg = tf.model_config(model, 128, value_head=False, **overrides)
+  if not blockwise:
+    cfg = dataclasses.replace(cfg, decode_block=max_len)
+  params = tf.init_params(cfg, jax.random.key(0))
+  cache = tf.init_cache(cfg, batch, max_len)
+
+  # The position is an argument (as in the rollout), so XLA cannot specialise the step to it,
+  # and each step's argmax is the next token, so no part of the step is dead code.
+  @functools.partial(jax.jit, donate_argnums=1)
+  def steps(params, cache, pos):
+    def body(i, carry):
+      tok, c = carry
+      logits, _, c = tf.apply(cfg, params, tok, pos, cache=c)
+      return jnp.argmax(logits, -1).astype(jnp.int32), c
+    return jax.lax.fori_loop(0, iters, body, (jnp.ones((batch, 1), jnp.int32), cache))[1]
+
+  pos = jnp.full((batch, 1), filled - 1, jnp.int32)
+  cache = jax.block_until_ready(steps(params, cache, pos))
+  t0 = time.perf_counter()
+  jax.block_until_ready(steps(params, cache, pos))
+  per = (time.perf_counter() - t0) / iters
+  return {"bench": "decode", "model": model, "layers": cfg.num_layers, "batch": batch,
+          "max_len": max_len, "filled": filled, "decode_block": cfg.decode_block,
+          "attention": "blockwise" if blockwise and max_len > cfg.decode_block else "dense",
+          "ms_per_step": round(per * 1e3, 3), "device": _device()}
+
+
+def cmd_decode(args) -> int:
+  for model in args.model:
+    for max_len in args.max_len:
+      ms = {}
+      for filled in (16, max_len):
+        for blockwise in (True, False):
+          row = bench_decode(model, args.batch, max_len, filled, iters=args.iters,
+                             blockwise=blockwise, layers=args.layers,
+                             decode_block=args.decode_block)
+          ms[filled, blockwise] = row["ms_per_step"]
+          print(json.dumps(row), flush=True)
+      # Against the full cache with blockwise attention and with dense attention (the cost of
+      # every step before blockwise decode, whatever the filled length).
+      print(json.dumps({"bench": "decode_ratio", "model": model, "max_len": max_len,
+                        "filled": 16,
+                        "ratio_to_full": round(ms[16, True] / ms[max_len, True], 3),
+                        "ratio_to_dense_full": round(ms[16, True] / ms[max_len, False], 3),
+                        "device": _device()}), flush=True)
+  return 0
+
+
 def cmd_envs(args) -> int:
   names = args.env or registry.list_envs()
   for name in names:
@@ -427,6 +582,39 @@ def main(argv=None) -> int:
   p.add_argument("--seeds", type=int, nargs="+", default=[8],
                  help="also time the tiny model vmapped over this many seeds")
   p.set_defaults(fn=cmd_train)
+  from mtrl_jax.models import transformer as tf
+  shapes = sorted(tf.REAL_SHAPES)
+  p = sub.add_parser("memory", help="buffer sizes of the compiled real-shape train step "
+                                    "(compiled, not run; no weights)")
+  p.add_argument("--model", nargs="+", default=["qwen2.5-0.5b"], choices=shapes)
+  p.add_argument("--batch", type=int, default=64, help="episodes per step (default 64)")
+  p.add_argument("--max_len", type=int, default=2048, help="tokens per episode (default 2048)")
+  p.add_argument("--minibatches", type=int, default=4)
+  p.add_argument("--kl_coef", type=float, default=0.0, help="> 0 keeps a reference policy")
+  p.add_argument("--param_dtype", choices=["float32", "bfloat16"], default=None)
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                 help="compute dtype")
+  p.add_argument("--logits_chunk", type=int, default=None)
+  p.add_argument("--extrapolate_from", type=int, nargs="+", default=None,
+                 help="compile at these depths and extrapolate to the model's (e.g. 2 4)")
+  p.set_defaults(fn=cmd_memory)
+  p = sub.add_parser("compile", help="compile time and HLO size of the train step vs depth")
+  p.add_argument("--model", default="qwen2.5-0.5b", choices=shapes)
+  p.add_argument("--layers", type=int, nargs="+", default=[2, 8, 24, 28])
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--max_len", type=int, default=1024)
+  p.add_argument("--minibatches", type=int, default=2)
+  p.set_defaults(fn=cmd_compile)
+  p = sub.add_parser("decode", help="ms per decode step: 16 filled vs full cache, blockwise "
+                                    "vs dense attention over the static cache")
+  p.add_argument("--model", nargs="+", default=["tiny", "qwen2.5-0.5b"])
+  p.add_argument("--max_len", type=int, nargs="+", default=[512, 2048, 8192])
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--layers", type=int, default=None, help="override the depth")
+  p.add_argument("--decode_block", type=int, default=None,
+                 help="override ModelConfig.decode_block")
+  p.set_defaults(fn=cmd_decode)
   args = parser.parse_args(argv)
   return args.fn(args)
 

@@ -126,14 +126,16 @@ def main(argv, *, sft_only: bool = False):
   vmap = (lambda f: jax.vmap(f)) if seeds > 1 else (lambda f: f)
   init = jax.jit(vmap(trainer.init))
   start_rl = jax.jit(vmap(trainer.start_rl))
-  sft_step = jax.jit(vmap(lambda s: trainer.sft_step(s)))
+  # The train state is donated to every step: its buffers are reused for the new state, so a
+  # step does not hold two copies of params and optimizer state.
+  sft_step = jax.jit(vmap(lambda s: trainer.sft_step(s)), donate_argnums=0)
   if config.sft.dataset:  # SFT batches from a TFDS demonstration dataset instead
     batches = _dataset_batches(config, trainer)
     # Every seed trains on the same batch: vmap over the state only.
     sft_update = jax.jit(jax.vmap(trainer.sft_update, in_axes=(0, None, None))
-                         if seeds > 1 else trainer.sft_update)
+                         if seeds > 1 else trainer.sft_update, donate_argnums=0)
     sft_step = lambda s: sft_update(s, *next(batches))
-  rl_step = jax.jit(vmap(lambda s: trainer.train_step(s)))
+  rl_step = jax.jit(vmap(lambda s: trainer.train_step(s)), donate_argnums=0)
   evaluate = jax.jit(vmap(lambda p: trainer.evaluate(p, jax.random.key(config.seed + 1))))
   seed_keys = jax.random.split(jax.random.key(config.seed), seeds)
   seed_keys = seed_keys if seeds > 1 else seed_keys[0]

@@ -19,6 +19,7 @@ the RLAG study (`experiments/rlag_study.py`).
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -131,3 +132,49 @@ class Policy:
     logp_all = self.log_probs(logits)
     logp = losses.token_log_probs(logp_all, tokens)
     return logp_all, jnp.where(jnp.isfinite(logp), logp, 0.0)
+
+  def score_hidden(self, logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array,
+                   tokens: jax.Array, *, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Score a token stream from final hidden states, never holding `[B, T, V]`.
+
+    The LM head, this distribution (temperature, bans, truncation), the log-softmax, the
+    gather and the entropy run on `chunk` positions at a time in a `lax.map` whose body is
+    rematerialised (`jax.checkpoint`), so forward and backward hold at most one `[B, chunk, V]`
+    block of logits. The values are those of `token_log_probs(logits_fn(hidden), tokens)` and
+    the entropy of the same distributions (tested to 1e-6 in f32, gradients included).
+
+    Args:
+      logits_fn: hidden [B, C, d] -> logits [B, C, V] float32 (e.g. `transformer.lm_logits`
+        with the params bound).
+      hidden: [B, T, d] final hidden states of `tokens` (`transformer.apply(...,
+        return_hidden=True)`).
+      tokens: [B, T] int32.
+      chunk: positions per block (>= 1).
+
+    Returns:
+      (token log-probs [B, T], 0 at t = 0 and on tokens this distribution cannot emit;
+       entropy [B, T] nats of the distribution each token was drawn from, 0 at t = 0).
+      Both are aligned with `Trajectory.loss_mask`: position t describes token t.
+    """
+    B, T, d = hidden.shape
+    n = T - 1  # positions 0 .. T-2 predict tokens 1 .. T-1
+    if n < 1:
+      return jnp.zeros((B, T), jnp.float32), jnp.zeros((B, T), jnp.float32)
+    c = min(int(chunk), n)
+    blocks = -(-n // c)
+    pad = blocks * c - n
+    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))
+    h = h.reshape(B, blocks, c, d).swapaxes(0, 1)            # [blocks, B, c, d]
+    targets = targets.reshape(B, blocks, c).swapaxes(0, 1)   # [blocks, B, c]
+
+    @jax.checkpoint
+    def block(args):
+      h_c, t_c = args
+      logp_all = self.log_probs(logits_fn(h_c))
+      logp = losses.gather_log_probs(logp_all, t_c)
+      return jnp.where(jnp.isfinite(logp), logp, 0.0), losses.entropy_from_logits(logp_all)
+
+    logp, entropy = jax.lax.map(block, (h, targets))
+    unblock = lambda x: jnp.pad(x.swapaxes(0, 1).reshape(B, blocks * c)[:, :n], ((0, 0), (1, 0)))
+    return unblock(logp), unblock(entropy)

@@ -11,7 +11,8 @@ that plays `num_envs * group_size` episodes at once. Rows are laid out group-con
 How one call runs (all static shapes, one `lax.while_loop`, no host round trip):
 
 1. `env.reset` (vmapped) gives each row its prompt; one chunked prefill call writes the whole
-   prompt into the KV cache and yields the logits of the first agent token.
+   prompt into the KV cache and yields the logits of the first agent token (the LM head runs
+   on each row's last prompt position only, not on every prompt position).
 2. Every loop iteration, every live row advances by exactly one token, in one one-token model
    call for the whole batch:
    * GEN: sample a token from the logits of the row's previous token (or take a forced one,
@@ -203,6 +204,13 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
     logits, _, cache = tf.apply(policy_cfg, params, tokens, positions, cache=cache)
     return logits, cache
 
+  def prefill(params, tokens, positions, lengths, cache):
+    """The prompts into the cache; logits [B, V] of each row's last prompt position only."""
+    hidden, _, cache = tf.apply(policy_cfg, params, tokens, positions, cache=cache,
+                                return_hidden=True)
+    last = hidden[jnp.arange(tokens.shape[0]), lengths - 1]
+    return tf.lm_logits(policy_cfg, params, last), cache
+
   sample = lambda key, logits: policy.sample(key, logits, greedy=c.greedy)
 
   def rows(params, reset_keys, sample_keys, env_params=None, *, forced_actions=None,
@@ -247,8 +255,7 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
     env_state, prompt = jax.vmap(env.reset, in_axes=(0, p_axis))(reset_keys, env_params)
     p_pos = jnp.where(jnp.arange(P) < prompt.length[:, None], jnp.arange(P), T)
     cache = tf.init_cache(model_config, B, T)
-    logits, cache = model(params, prompt.tokens, p_pos, cache)
-    next_logits = logits[b_idx, prompt.length - 1]
+    next_logits, cache = prefill(params, prompt.tokens, p_pos, prompt.length, cache)
 
     tokens = jnp.zeros((B, T), jnp.int32).at[:, :P].set(
         jnp.where(jnp.arange(P) < prompt.length[:, None], prompt.tokens, V.PAD_ID))

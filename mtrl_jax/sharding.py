@@ -32,11 +32,12 @@ def data_mesh(num_devices: int | None = None) -> Mesh:
 def sharded_trainer(config, mesh: Mesh):
   """(trainer, train_step) where train_step(state) -> (state, metrics) runs data-parallel.
 
-  The state is replicated on every device of `mesh`; `config.rollout.num_envs` must be
-  divisible by the number of devices (checked, with the setting named).
+  The state is replicated on every device of `mesh` and donated to the step (its buffers are
+  reused for the new state: do not read the old one after the call); `config.rollout.num_envs`
+  must be divisible by the number of devices (checked, with the setting named).
   """
   n = mesh.shape[DATA]
   trainer = train_lib.Trainer(config, num_devices=n, axis_name=DATA)
   step = jax.jit(jax.shard_map(lambda s: trainer.train_step(s), mesh=mesh, in_specs=(P(),),
-                               out_specs=(P(), P()), check_vma=False))
+                               out_specs=(P(), P()), check_vma=False), donate_argnums=0)
   return trainer, step

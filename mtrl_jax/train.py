@@ -72,8 +72,8 @@ def build_model_config(section: Mapping[str, Any], vocab_size: int) -> tf.ModelC
   if preset == "hf":
     raise ValueError("config.model.checkpoint is not set (preset 'hf' loads a Hugging Face "
                      "checkpoint directory)")
-  try:
-    return tf.model_config(preset, vocab_size, **kwargs)
+  try:  # `vocab_size` may be set larger than the environment's (e.g. a padded vocabulary)
+    return tf.model_config(preset, kwargs.pop("vocab_size", vocab_size), **kwargs)
   except ValueError as e:  # ModelConfig names its field: say where it is in the config
     raise ConfigError(f"config.model: {e}".replace("config.model: ModelConfig.",
                                                    "config.model.")) from None
@@ -105,7 +105,9 @@ class OptimConfig:
 
   lr: peak learning rate (> 0); warmup: steps of linear warm-up from 0 (>= 0); b1, b2: Adam
   moments' decay in [0, 1); grad_clip: global-norm clip (> 0); weight_decay: >= 0 (also used by
-  the SFT optimizer, with `config.sft.lr`)."""
+  the SFT optimizer, with `config.sft.lr`); moments_dtype: "float32" keeps Adam's moments in
+  float32 whatever `model.param_dtype` is (`f32_moments`), "param" keeps them in the params'
+  dtype (half the optimizer memory with bfloat16 params, at the moments' precision)."""
 
   lr: float = 1e-4
   warmup: int = 5
@@ -113,9 +115,11 @@ class OptimConfig:
   b2: float = 0.999
   grad_clip: float = 1.0
   weight_decay: float = 0.0
+  moments_dtype: str = "float32"
 
   def __post_init__(self):
     c = Checks(self, "optim")
+    c.choice("moments_dtype", ("float32", "param"))
     c.number("lr", 0.0, low_open=True)
     c.integer("warmup", 0)
     c.number("b1", 0.0, 1.0, high_open=True)
@@ -171,6 +175,21 @@ class TrainConfig:
       c.integer(name, 1)
 
 
+def f32_moments(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` run in float32 on low-precision params: its state (Adam's moments) is initialised
+  from float32 copies of the params and updated with float32 gradients; the updates are cast
+  back to each param's dtype. A no-op (the same arrays) for float32 params. There are no
+  float32 master weights: an update below a bfloat16 param's resolution is rounded away."""
+  f32 = lambda tree: jax.tree.map(
+      lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def update(updates, state, params=None):
+    new, state = inner.update(f32(updates), state, None if params is None else f32(params))
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), new, updates), state
+
+  return optax.GradientTransformation(lambda params: inner.init(f32(params)), update)
+
+
 TOP_LEVEL = {"seed": 0, "num_samples": 0}  # integer settings and their minimum
 
 
@@ -190,8 +209,9 @@ class TrainState:
   """Everything a run needs to continue exactly: a pytree (checkpointed as is).
 
   params: {'policy': ..., ['critic': ...]}; opt_state: optax state of the current phase;
-  ref_params: frozen policy params for the KL term (the SFT result); step: [] int32 updates
-  done in this phase; rng: PRNG key for the next step.
+  ref_params: frozen policy params for the KL term (the SFT result), None during SFT and when
+  `algo.kl_coef = 0`; step: [] int32 updates done in this phase; rng: PRNG key for the next
+  step.
   """
 
   params: Any
@@ -270,12 +290,13 @@ class Trainer:
       raise ValueError(f"config.rollout.max_len={rc.max_len} cannot hold an "
                        f"expert episode ({need} tokens) for SFT")
     optim = self.optim
-    self.sft_opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
-                               optax.adamw(self.sft.lr, weight_decay=optim.weight_decay))
+    wrap = f32_moments if optim.moments_dtype == "float32" else (lambda opt: opt)
+    self.sft_opt = wrap(optax.chain(optax.clip_by_global_norm(optim.grad_clip),
+                                    optax.adamw(self.sft.lr, weight_decay=optim.weight_decay)))
     schedule = optax.linear_schedule(0.0, optim.lr, max(1, optim.warmup))
-    self.rl_opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
-                              optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
-                                          weight_decay=optim.weight_decay))
+    self.rl_opt = wrap(optax.chain(optax.clip_by_global_norm(optim.grad_clip),
+                                   optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
+                                               weight_decay=optim.weight_decay)))
 
   # --- forward helpers -------------------------------------------------------------------------
   def reduce(self, tree):
@@ -284,19 +305,33 @@ class Trainer:
       return tree
     return jax.lax.psum(tree, self.axis_name)
 
+  def _score_policy(self, policy_params, hidden, tokens):
+    """Token log-probs and entropy [B, T] from the policy's final hidden states [B, T, d], in
+    `model.logits_chunk` position chunks (no `[B, T, V]` logits; `Policy.score_hidden`)."""
+    head = lambda h: tf.lm_logits(self.model_config, policy_params, h)
+    return self.learner.score_hidden(head, hidden, tokens, chunk=self.model_config.logits_chunk)
+
   def _forward(self, params, tokens):
     """Score `tokens` [B, T] under the learner's distribution: (token log-probs [B, T], 0 on
-    tokens the policy cannot emit; entropy [B, T] nats; values [B, T] or None)."""
-    logits, values = tf.apply_actor_critic(self.model_config, params, tokens)
-    logp_all, logp = self.learner.token_log_probs(logits, tokens)
-    return logp, losses.entropy_from_logits(logp_all), values
+    tokens the policy cannot emit; entropy [B, T] nats of the distribution each token was
+    drawn from; values [B, T] or None)."""
+    hidden, values = tf.apply_actor_critic(self.model_config, params, tokens, return_hidden=True)
+    logp, entropy = self._score_policy(params["policy"], hidden, tokens)
+    return logp, entropy, values
 
   def _reference_logp(self, ref_params, tokens):
     """[B, T] token log-probs of the frozen reference policy (0 on unsampleable tokens)."""
-    ref_logits, _, _ = tf.apply(dataclasses.replace(self.model_config,
-                                                    value_head=not self.algo.separate_critic),
-                                ref_params, tokens)
-    return self.learner.token_log_probs(ref_logits, tokens)[1]
+    hidden, _, _ = tf.apply(dataclasses.replace(self.model_config,
+                                                value_head=not self.algo.separate_critic),
+                            ref_params, tokens, return_hidden=True)
+    return self._score_policy(ref_params, hidden, tokens)[0]
+
+  def _by_minibatch(self, fn, tokens):
+    """`fn(tokens [b, T]) -> pytree of [b, ...]` over the batch in `algo.minibatches` row
+    blocks (`lax.map`), so the scoring forward holds the activations of one minibatch."""
+    M, B = self.algo.minibatches, tokens.shape[0]
+    out = jax.lax.map(fn, tokens.reshape(M, B // M, *tokens.shape[1:]))
+    return jax.tree.map(lambda x: x.reshape(B, *x.shape[2:]), out)
 
   def _local_keys(self, key):
     """Per-row (reset, sample) keys of this device's rows of the global batch."""
@@ -320,8 +355,8 @@ class Trainer:
     else:
       params = tf.init_actor_critic(self.model_config, k_model,
                                     separate_critic=self.algo.separate_critic)
-    return TrainState(params=params, opt_state=self.sft_opt.init(params),
-                      ref_params=params["policy"], step=jnp.int32(0), rng=k_rng)
+    return TrainState(params=params, opt_state=self.sft_opt.init(params), ref_params=None,
+                      step=jnp.int32(0), rng=k_rng)
 
   def sft_step(self, state: TrainState, key=None):
     """Behaviour cloning on `sft.batch_size` freshly generated (noisy) expert episodes."""
@@ -347,8 +382,12 @@ class Trainer:
     return state, {"sft/loss": loss}
 
   def start_rl(self, state: TrainState) -> TrainState:
-    return state.replace(opt_state=self.rl_opt.init(state.params),
-                         ref_params=state.params["policy"], step=jnp.int32(0))
+    """Fresh RL optimizer; the KL reference is a copy of the current policy when
+    `algo.kl_coef > 0` and None otherwise (no second set of weights in memory; a copy, not the
+    same buffers, so that the train step can donate its state)."""
+    ref = jax.tree.map(jnp.copy, state.params["policy"]) if self.algo.kl_coef else None
+    return state.replace(opt_state=self.rl_opt.init(state.params), ref_params=ref,
+                         step=jnp.int32(0))
 
   # --- RL ------------------------------------------------------------------------------------
   def train_step(self, state: TrainState, key=None):
@@ -366,11 +405,13 @@ class Trainer:
     B, T = traj.tokens.shape
     B_global = B * self.num_devices
 
-    # 2. Score them with the rollout's params (old log-probs, values) and the reference.
-    old_logp, _, values = jax.lax.stop_gradient(self._forward(state.params, traj.tokens))
+    # 2. Score them with the rollout's params (old log-probs, values) and the reference, one
+    #    minibatch of rows at a time.
+    old_logp, values = self._by_minibatch(
+        lambda t: jax.lax.stop_gradient(self._forward(state.params, t)[::2]), traj.tokens)
     values = jnp.zeros((B, T)) if values is None else values
-    ref_logp = (self._reference_logp(state.ref_params, traj.tokens) if algo.kl_coef
-                else jnp.zeros_like(old_logp))
+    ref_logp = (self._by_minibatch(lambda t: self._reference_logp(state.ref_params, t),
+                                   traj.tokens) if algo.kl_coef else jnp.zeros_like(old_logp))
     kl_tok = losses.kl_estimate(old_logp, ref_logp, algo.kl_kind) if algo.kl_coef else None
     scored = scoring.score(traj, algo, kl_tok=kl_tok,
                            turn_reward_override=collected.turn_reward)

@@ -336,8 +336,16 @@ def test_init_from_another_runs_checkpoint(tmp_path):
   chex.assert_trees_all_equal(state.params, sft_state.params)
   chex.assert_trees_all_equal(state.opt_state, fresh.opt_state)  # the SFT optimizer, fresh
   assert int(state.step) == 0
-  # The KL reference of the RL phase is the loaded policy.
-  chex.assert_trees_all_equal(start_rl(state).ref_params, sft_state.params["policy"])
+  # Without a KL term there is no reference (no second copy of the weights) ...
+  assert tr.algo.kl_coef == 0 and start_rl(state).ref_params is None
+  # ... with one, the KL reference of the RL phase is the loaded policy, in its own buffers.
+  c = small_config()
+  c.algo.kl_coef = 0.1
+  tr_kl = train_lib.make_train(c)
+  ref = tr_kl.start_rl(state).ref_params
+  chex.assert_trees_all_equal(ref, sft_state.params["policy"])
+  assert all(a is not b for a, b in zip(jax.tree.leaves(ref),
+                                        jax.tree.leaves(state.params["policy"])))
   with pytest.raises(SystemExit, match="has no checkpoint"):
     cli.init_from_run(str(tmp_path), init, start_rl, jax.random.key(8))
 

@@ -25,27 +25,30 @@ another RoPE scaling, biases on o_proj or the MLP, an activation other than SiLU
 weights - raises `UnsupportedCheckpointError` naming the setting. Missing or unexpected tensors
 and shape mismatches raise `CheckpointMismatchError` naming the tensors.
 
-Name mapping (HF `[out, in]` Linear weights are transposed to Flax `[in, out]` kernels):
+Name mapping (HF `[out, in]` Linear weights are transposed to Flax `[in, out]` kernels; the
+blocks' params are stacked, `L/` below is row i of a leading `[num_layers]` axis under
+`layers/block/`, see `mtrl_jax.models.transformer`):
 
     model.embed_tokens.weight                       embed/embedding
-    model.layers.{i}.input_layernorm.weight         layers_{i}/attn_norm/scale
-    model.layers.{i}.self_attn.{q,k,v}_proj.weight  layers_{i}/{q,k,v}_proj/kernel   (T)
-    model.layers.{i}.self_attn.{q,k,v}_proj.bias    layers_{i}/{q,k,v}_proj/bias     (qwen2)
-    model.layers.{i}.self_attn.{q,k}_norm.weight    layers_{i}/{q,k}_norm/scale      (qwen3)
-    model.layers.{i}.self_attn.o_proj.weight        layers_{i}/o_proj/kernel         (T)
-    model.layers.{i}.post_attention_layernorm.weight layers_{i}/mlp_norm/scale
-    model.layers.{i}.mlp.{gate,up,down}_proj.weight layers_{i}/{gate,up,down}_proj/kernel (T)
+    model.layers.{i}.input_layernorm.weight         L/attn_norm/scale
+    model.layers.{i}.self_attn.{q,k,v}_proj.weight  L/{q,k,v}_proj/kernel   (T)
+    model.layers.{i}.self_attn.{q,k,v}_proj.bias    L/{q,k,v}_proj/bias     (qwen2)
+    model.layers.{i}.self_attn.{q,k}_norm.weight    L/{q,k}_norm/scale      (qwen3)
+    model.layers.{i}.self_attn.o_proj.weight        L/o_proj/kernel         (T)
+    model.layers.{i}.post_attention_layernorm.weight L/mlp_norm/scale
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight L/{gate,up,down}_proj/kernel (T)
     model.norm.weight                               final_norm/scale
-    lm_head.weight                                  lm_head/kernel                   (T, untied)
+    lm_head.weight                                  lm_head/kernel          (T, untied)
 
 The loaded params are the *policy* (no value head: `model_config.value_head` is False);
 `with_value_head` adds a zero-initialised one. Saving drops a value head.
 
 Memory: loading streams. Each tensor is read on its own (the safetensors file is opened, the
 one tensor copied out, the file closed, so no mapping of the whole file stays resident),
-transposed, cast to `dtype` and moved to the device before the next is read. Peak host memory
-is the loaded params (on a CPU backend they *are* host memory) plus about two copies of the
-largest tensor (the embedding). Measured for a Qwen2.5-0.5B-sized checkpoint in docs/HF.md.
+transposed, cast to `dtype` and written into its place; a stacked layer param (all layers'
+copies of one weight) goes to the device once its last layer is read, before the next param is
+started. Peak host memory is the loaded params (on a CPU backend they *are* host memory) plus
+one stacked param (e.g. every layer's `gate_proj`) or about two copies of the embedding. Measured for a Qwen2.5-0.5B-sized checkpoint in docs/HF.md.
 
 Dependencies: `safetensors` (and `tokenizers` for `mtrl_jax.models.chat`) are the `hf` extra,
 imported lazily (`mtrl_jax.optional.require`): `import mtrl_jax` never needs them.
@@ -224,26 +227,28 @@ def hf_config_from_model(config: tf.ModelConfig, model_type: str | None = None,
 
 # --- name mapping ---------------------------------------------------------------------------
 
-def hf_names(config: tf.ModelConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
-  """HF tensor name -> (path in our params, transpose?) for every tensor `config` needs."""
-  names = {"model.embed_tokens.weight": (("embed", "embedding"), False),
-           "model.norm.weight": (("final_norm", "scale"), False)}
+def hf_names(config: tf.ModelConfig) -> dict[str, tuple[tuple[str, ...], bool, int | None]]:
+  """HF tensor name -> (path in our params, transpose?, layer index or None) for every tensor
+  `config` needs. A layer tensor is row `layer` of the stacked param at `path`."""
+  names = {"model.embed_tokens.weight": (("embed", "embedding"), False, None),
+           "model.norm.weight": (("final_norm", "scale"), False, None)}
   if not config.tie_embeddings:
-    names["lm_head.weight"] = (("lm_head", "kernel"), True)
+    names["lm_head.weight"] = (("lm_head", "kernel"), True, None)
+  ours = ("layers", "block")
   for i in range(config.num_layers):
-    hf, ours = f"model.layers.{i}.", f"layers_{i}"
-    names[hf + "input_layernorm.weight"] = ((ours, "attn_norm", "scale"), False)
-    names[hf + "post_attention_layernorm.weight"] = ((ours, "mlp_norm", "scale"), False)
+    hf = f"model.layers.{i}."
+    names[hf + "input_layernorm.weight"] = (ours + ("attn_norm", "scale"), False, i)
+    names[hf + "post_attention_layernorm.weight"] = (ours + ("mlp_norm", "scale"), False, i)
     for p in ("q", "k", "v", "o"):
-      names[hf + f"self_attn.{p}_proj.weight"] = ((ours, f"{p}_proj", "kernel"), True)
+      names[hf + f"self_attn.{p}_proj.weight"] = (ours + (f"{p}_proj", "kernel"), True, i)
     if config.qkv_bias:
       for p in ("q", "k", "v"):
-        names[hf + f"self_attn.{p}_proj.bias"] = ((ours, f"{p}_proj", "bias"), False)
+        names[hf + f"self_attn.{p}_proj.bias"] = (ours + (f"{p}_proj", "bias"), False, i)
     if config.qk_norm:
       for p in ("q", "k"):
-        names[hf + f"self_attn.{p}_norm.weight"] = ((ours, f"{p}_norm", "scale"), False)
+        names[hf + f"self_attn.{p}_norm.weight"] = (ours + (f"{p}_norm", "scale"), False, i)
     for p in ("gate", "up", "down"):
-      names[hf + f"mlp.{p}_proj.weight"] = ((ours, f"{p}_proj", "kernel"), True)
+      names[hf + f"mlp.{p}_proj.weight"] = (ours + (f"{p}_proj", "kernel"), True, i)
   return names
 
 
@@ -254,6 +259,11 @@ def param_shapes(config: tf.ModelConfig) -> dict[tuple[str, ...], tuple[int, ...
   shapes = jax.eval_shape(lambda k: tf.init_params(cfg, k), jax.random.key(0))
   return {tuple(k.key for k in path): tuple(leaf.shape)
           for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+
+def _tensor_shape(shapes, target, layer) -> tuple[int, ...]:
+  """The shape one HF tensor must have (in our orientation): a stacked param's row shape."""
+  return shapes[target] if layer is None else shapes[target][1:]
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -319,7 +329,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: str | None = "float32", *
     overrides: other ModelConfig fields (e.g. `remat=True`).
 
   Returns:
-    (config with `value_head=False`, params `{'embed': ..., 'layers_0': ..., ...}` exactly as
+    (config with `value_head=False`, params `{'embed': ..., 'layers': ..., ...}` exactly as
     `transformer.init_params(config, key)` lays them out).
 
   Raises:
@@ -352,20 +362,31 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: str | None = "float32", *
 
   np_dtype = np.dtype(config.jnp_param_dtype)
   params: dict[str, Any] = {}
-  # Stream in file order, so each shard is visited once.
-  for name, array in iter_hf_tensors(path, sorted(names, key=lambda n: (files[n], n))):
-    target, transpose = names[name]
-    want = shapes[target]
-    got = array.shape[::-1] if transpose else array.shape
-    if tuple(got) != want:
-      raise CheckpointMismatchError(
-          f"tensor {name!r} has shape {list(array.shape)}; the config needs "
-          f"{list(want[::-1] if transpose else want)}")
-    if transpose:
-      array = array.T
-    array = np.ascontiguousarray(array, dtype=np_dtype)
-    _set(params, target, array if as_numpy else jax.device_put(array))
-    del array
+  # Stream param by param (a stacked param's layers in order), so one stacked param at most is
+  # resident on the host before it moves to the device.
+  by_target: dict[tuple[str, ...], list[str]] = {}
+  for name in sorted(names, key=lambda n: (names[n][0], names[n][2] or 0)):
+    by_target.setdefault(names[name][0], []).append(name)
+  for target, members in by_target.items():
+    stacked = names[members[0]][2] is not None
+    out = np.empty(shapes[target], np_dtype) if stacked else None
+    for name, array in iter_hf_tensors(path, members):
+      _, transpose, layer = names[name]
+      want = _tensor_shape(shapes, target, layer)
+      got = array.shape[::-1] if transpose else array.shape
+      if tuple(got) != want:
+        raise CheckpointMismatchError(
+            f"tensor {name!r} has shape {list(array.shape)}; the config needs "
+            f"{list(want[::-1] if transpose else want)}")
+      if transpose:
+        array = array.T
+      if stacked:
+        out[layer] = array
+      else:
+        out = np.ascontiguousarray(array, dtype=np_dtype)
+      del array
+    _set(params, target, out if as_numpy else jax.device_put(out))
+    del out
   return config, params
 
 
@@ -406,15 +427,19 @@ def save_hf_checkpoint(path: str | os.PathLike, model_config: tf.ModelConfig, pa
   names = hf_names(model_config)
   shapes = param_shapes(model_config)
   tensors: dict[str, np.ndarray] = {}
-  for name, (target, transpose) in names.items():
-    try:
-      array = _get(params, target)
-    except (KeyError, TypeError):
-      raise CheckpointMismatchError(f"params lack {'/'.join(target)} (for {name!r})") from None
-    if tuple(array.shape) != shapes[target]:
-      raise CheckpointMismatchError(f"params {'/'.join(target)} has shape {list(array.shape)}; "
-                                    f"the config needs {list(shapes[target])}")
-    array = np.asarray(jax.device_get(array))
+  host: dict[tuple[str, ...], np.ndarray] = {}
+  for name, (target, transpose, layer) in names.items():
+    if target not in host:
+      try:
+        array = _get(params, target)
+      except (KeyError, TypeError):
+        raise CheckpointMismatchError(f"params lack {'/'.join(target)} (for {name!r})") from None
+      if tuple(array.shape) != shapes[target]:
+        raise CheckpointMismatchError(f"params {'/'.join(target)} has shape "
+                                      f"{list(array.shape)}; the config needs "
+                                      f"{list(shapes[target])}")
+      host[target] = np.asarray(jax.device_get(array))
+    array = host[target] if layer is None else host[target][layer]
     if dtype is not None:
       array = array.astype(np.dtype(tf._DTYPES[dtype]))
     tensors[name] = np.ascontiguousarray(array.T if transpose else array)
@@ -470,8 +495,9 @@ def greedy_generate(config: tf.ModelConfig, params, tokens: jax.Array, lengths: 
   T = P + max_new_tokens
   pos = jnp.where(jnp.arange(P) < lengths[:, None], jnp.arange(P), T)  # pads: write dropped
   cache = tf.init_cache(cfg, B, T)
-  logits, _, cache = tf.apply(cfg, params, tokens, pos, cache=cache)
-  first = jnp.argmax(logits[jnp.arange(B), lengths - 1], -1).astype(jnp.int32)
+  hidden, _, cache = tf.apply(cfg, params, tokens, pos, cache=cache, return_hidden=True)
+  last = tf.lm_logits(cfg, params, hidden[jnp.arange(B), lengths - 1])
+  first = jnp.argmax(last, -1).astype(jnp.int32)
 
   def step(carry, _):
     tok, p, cache = carry

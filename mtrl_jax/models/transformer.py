@@ -24,17 +24,31 @@ without permuting weights.
 Why Linen and not NNX: everything downstream (the jitted train step, `jax.vmap` over seeds,
 sharding, checkpointing) is a function of a plain params pytree. Linen's
 `model.apply({'params': p}, ...)` *is* that pure function, with no split/merge step and no
-graph traversal per call. Layers are unrolled (`layers_0`, `layers_1`, ...), each with its own
-cache arrays, so the rollout's while loop updates every layer's cache in place; `nn.scan` over
-stacked layers keeps compile time flat in depth but made XLA copy the stacked cache on every
-decode step (10x slower decode on CPU). Compile time therefore grows with depth.
+graph traversal per call.
 
-Decode attention cost: each decode call attends over the whole static cache `[B, S_max]` with
-a mask (O(S_max) per token and layer), not only the filled part. With static shapes the
-alternative is a loop over key blocks up to the filled length with an online softmax; on the
-CPU sizes used here (S_max <= 512, a few heads) the dense masked form is faster, because it is
-one fused matmul. `experiments/benchmark.py rollout` measures how time per token grows with
-the filled length; revisit for long contexts on accelerators.
+Layers: the params of the blocks are stacked, `params['layers'][name]` has a leading
+`[num_layers]` axis (MaxText's `scan_layers`). The full forward runs them as one `nn.scan`
+(optionally rematerialised per block with a named policy, `ModelConfig.remat`), so the
+training and scoring forward and its backward compile once whatever the depth. Cached decoding
+loops over the layers in Python, slicing each layer's params, because the KV cache is one array
+per layer: the rollout's while loop then updates every layer's cache in place; a stacked
+`[L, ...]` cache carried through a scan over layers was copied on every decode step (measured
+10x slower one-token decode on CPU). Initial values are those of the round-1 unrolled layout
+(`layers_0`, `layers_1`, ... initialised under their own names, then stacked), so a seed gives
+the same model as before.
+
+Attention (`ModelConfig.attention`): "blockwise" (default) computes the full forward's
+attention over key blocks of `attn_block` with an online softmax, rematerialised per block, so
+`[B, H, S, S]` scores never exist (only `[B, H, S, attn_block]`); sequences no longer than one
+block use the dense form, which is then the same computation. "dense" is the plain masked
+softmax. Decode attends over the cache in blocks of `decode_block` up to the longest filled
+position of the batch (a dynamic trip count), so a step costs the filled length, not the
+static cache size; caches of at most one block use the dense masked form.
+
+The LM head can be applied separately (`return_hidden=True`, then `lm_logits`), which is how
+the learner scores tokens in sequence chunks without a `[B, T, V]` tensor
+(`mtrl_jax.policy.Policy.score_hidden`) and how the rollout's prefill computes logits only at
+each row's last prompt position.
 """
 
 from __future__ import annotations
@@ -52,6 +66,13 @@ import numpy as np
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _NEG_INF = -1e9  # finite: a query with no visible key gets a uniform (not NaN) softmax
 ROPE_TYPES = ("default", "llama3")
+ATTENTIONS = ("blockwise", "dense")
+# What the backward pass saves of a block (jax.checkpoint policies); "none": no remat.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +101,17 @@ class ModelConfig:
     value_head: add a scalar value head on the final hidden state.
     param_dtype: dtype of the parameters ("float32" | "bfloat16" | "float16").
     dtype: compute dtype of matmuls; norms, softmax, logits and values are float32.
-    remat: rematerialise each block in the backward pass (saves memory on long contexts).
+    remat: what the backward pass keeps of each block of the full forward (`REMAT_POLICIES`):
+      "none" (everything), "full" (only the block's input; recompute the rest), "dots" (the
+      matmul outputs without a batch dimension: the projections, not the attention scores).
+      True / False are read as "full" / "none".
+    attention: the full forward's attention, "blockwise" (online softmax over key blocks, no
+      `[B, H, S, S]` tensor) or "dense".
+    attn_block: keys per block of blockwise attention (>= 1).
+    decode_block: cache slots per block of decode attention (>= 1); a cache longer than this is
+      attended block by block up to the longest filled position.
+    logits_chunk: positions per chunk when the learner scores tokens from hidden states
+      (`mtrl_jax.policy.Policy.score_hidden`): the largest logits block is `[b, chunk, V]`.
   """
 
   vocab_size: int
@@ -103,9 +134,24 @@ class ModelConfig:
   value_head: bool = True
   param_dtype: str = "float32"
   dtype: str = "float32"
-  remat: bool = False
+  remat: str = "none"
+  attention: str = "blockwise"
+  attn_block: int = 512
+  decode_block: int = 256
+  logits_chunk: int = 256
 
   def __post_init__(self):
+    if isinstance(self.remat, (bool, np.bool_)):
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat={self.remat!r}; expected one of "
+                       f"{sorted(REMAT_POLICIES)} (or True / False)")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"ModelConfig.attention={self.attention!r}; expected one of {ATTENTIONS}")
+    for name in ("attn_block", "decode_block", "logits_chunk"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or value <= 0:
@@ -173,16 +219,44 @@ PRESETS: dict[str, dict[str, Any]] = {
                   mlp_dim=1024),
 }
 
+# Published architectures (their config.json numbers), randomly initialised: real-model shapes
+# for memory and compile benchmarks and accelerator smoke tests without weights. They carry
+# their own vocabulary size (the environment's must fit in it). Weights come from a checkpoint
+# (`config.model.checkpoint`, mtrl_jax.models.hf).
+REAL_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": dict(vocab_size=151936, d_model=896, num_layers=24, num_heads=14,
+                         num_kv_heads=2, head_dim=64, mlp_dim=4864, rope_theta=1e6,
+                         qkv_bias=True, tie_embeddings=True),
+    "qwen2.5-1.5b": dict(vocab_size=151936, d_model=1536, num_layers=28, num_heads=12,
+                         num_kv_heads=2, head_dim=128, mlp_dim=8960, rope_theta=1e6,
+                         qkv_bias=True, tie_embeddings=True),
+    "qwen2.5-7b": dict(vocab_size=152064, d_model=3584, num_layers=28, num_heads=28,
+                       num_kv_heads=4, head_dim=128, mlp_dim=18944, rope_theta=1e6,
+                       qkv_bias=True, tie_embeddings=False),
+    "qwen3-0.6b": dict(vocab_size=151936, d_model=1024, num_layers=28, num_heads=16,
+                       num_kv_heads=8, head_dim=128, mlp_dim=3072, rope_theta=1e6,
+                       qk_norm=True, tie_embeddings=True),
+    # Meta-Llama-3-8B (3.1 adds llama3 RoPE scaling; the shapes are the same).
+    "llama3-8b": dict(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32,
+                      num_kv_heads=8, head_dim=128, mlp_dim=14336, rope_theta=500000.0,
+                      norm_eps=1e-5, tie_embeddings=False),
+}
+
 
 def model_config(preset: str, vocab_size: int, **overrides) -> ModelConfig:
-  """`ModelConfig` from a named preset, with field overrides (unknown fields are errors)."""
-  if preset not in PRESETS:
-    raise ValueError(f"unknown model preset {preset!r}; known presets: {sorted(PRESETS)}")
+  """`ModelConfig` from a named preset, with field overrides (unknown fields are errors).
+
+  `vocab_size` is the environment's vocabulary; a `REAL_SHAPES` preset keeps its own (larger)
+  one."""
+  if preset not in PRESETS and preset not in REAL_SHAPES:
+    raise ValueError(f"unknown model preset {preset!r}; known presets: "
+                     f"{sorted(PRESETS) + sorted(REAL_SHAPES)}")
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(f"unknown ModelConfig fields {unknown}; valid fields: {sorted(fields)}")
-  return ModelConfig(vocab_size=vocab_size, **{**PRESETS[preset], **overrides})
+  base = {"vocab_size": vocab_size, **PRESETS.get(preset, REAL_SHAPES.get(preset))}
+  return ModelConfig(**{**base, **overrides})
 
 
 @flax.struct.dataclass
@@ -272,15 +346,133 @@ def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.
                                           mode="drop")
 
 
+def _scores(q, k, scale):
+  """q [B, KV, G, S, D], k [B, KV, Sk, D] -> f32 scores [B, KV, G, S, Sk]."""
+  return jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) / scale
+
+
+def dense_attention(q, k, v, mask, dtype):
+  """Masked softmax attention. q [B, KV, G, S, D]; k, v [B, KV, Sk, D]; mask broadcastable to
+  [B, KV, G, S, Sk] bool. Returns [B, KV, G, S, D] in `dtype`."""
+  scores = _scores(q, k, np.sqrt(q.shape[-1]).astype(np.float32))
+  scores = jnp.where(mask, scores, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  return jnp.einsum("bkgst,bktd->bkgsd", probs, v)
+
+
+def _online_softmax_step(carry, q, k_blk, v_blk, mask_blk, dtype):
+  """Fold one key block into the running (max m, normaliser l, accumulator acc) of an online
+  softmax. q [B, KV, G, S, D]; k_blk, v_blk [B, KV, C, D]; mask_blk [B, 1, 1, S, C]."""
+  m, l, acc = carry
+  s = _scores(q, k_blk, np.sqrt(q.shape[-1]).astype(np.float32))
+  s = jnp.where(mask_blk, s, _NEG_INF)
+  # The max only keeps exp() in range; the result does not depend on it.
+  m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
+  p = jnp.exp(s - m_new[..., None])
+  corr = jnp.exp(m - m_new)
+  l = l * corr + jnp.sum(p, axis=-1)
+  acc = acc * corr[..., None] + jnp.einsum("bkgst,bktd->bkgsd", p.astype(dtype), v_blk,
+                                           preferred_element_type=jnp.float32)
+  return m_new, l, acc
+
+
+def _online_init(q):
+  shape = q.shape[:-1]
+  return (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(q.shape, jnp.float32))
+
+
+def blockwise_attention(q, k, v, q_pos, k_pos, k_valid, block: int, dtype):
+  """Attention over key blocks with an online softmax (full forward, differentiable).
+
+  q [B, KV, G, S, D]; k, v [B, KV, Sk, D]; q_pos [B, S], k_pos [B, Sk] int positions; k_valid
+  [B, Sk] bool. Key j is visible to query i iff `k_pos[j] <= q_pos[i]` and `k_valid[j]`. The
+  scan body is rematerialised, so neither pass holds more than one `[B, KV, G, S, block]` block
+  of scores. Same values as `dense_attention` up to float summation order for every query that
+  sees at least one key. Returns [B, KV, G, S, D] in `dtype`.
+  """
+  b, kv, sk, d = k.shape
+  n = -(-sk // block)
+  pad = n * block - sk
+  if pad:
+    k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    k_pos = jnp.pad(k_pos, ((0, 0), (0, pad)))
+    k_valid = jnp.pad(k_valid, ((0, 0), (0, pad)))
+  blocks = (k.reshape(b, kv, n, block, d).transpose(2, 0, 1, 3, 4),
+            v.reshape(b, kv, n, block, d).transpose(2, 0, 1, 3, 4),
+            k_pos.reshape(b, n, block).transpose(1, 0, 2),
+            k_valid.reshape(b, n, block).transpose(1, 0, 2))
+
+  @jax.checkpoint
+  def step(carry, blk):
+    k_blk, v_blk, kp, kvalid = blk
+    mask = ((kp[:, None, :] <= q_pos[:, :, None]) & kvalid[:, None, :])[:, None, None]
+    return _online_softmax_step(carry, q, k_blk, v_blk, mask, dtype), None
+
+  (_, l, acc), _ = jax.lax.scan(step, _online_init(q), blocks)
+  return (acc / l[..., None]).astype(dtype)
+
+
+def cached_attention(q, k_cache, v_cache, q_pos, num_filled, block: int, dtype):
+  """Attention of new tokens over a KV cache, costing the filled length (decode, prefill).
+
+  q [B, KV, G, S, D]; k_cache, v_cache [B, KV, S_max, D] (already holding the new tokens);
+  q_pos [B, S] (a position >= S_max is a padding query: it sees the whole cache); num_filled
+  [] int32: slots `>= num_filled` are empty for every row (the longest filled length). Slot j is
+  visible to query i iff `j <= q_pos[i]`. A cache of at most `block` slots is attended densely;
+  a longer one block by block, `ceil(num_filled / block)` blocks (a dynamic trip count inside
+  one compiled loop) while that is at most half the cache, densely over the whole cache beyond
+  (where one fused matmul is cheaper than the block loop). Not differentiable (the rollout
+  does not need it).
+  """
+  s_max = k_cache.shape[2]
+  if s_max <= block:
+    slots = jnp.arange(s_max, dtype=jnp.int32)
+    mask = (slots[None, None, :] <= q_pos[:, :, None])[:, None, None]
+    return dense_attention(q, k_cache.astype(dtype), v_cache.astype(dtype), mask, dtype)
+  n_blocks = s_max // block + (s_max % block > 0)
+  # Padding queries (q_pos >= S_max) would see every slot: clamp them to the filled part.
+  q_vis = jnp.minimum(q_pos, num_filled - 1)
+  if s_max % block:  # the last block would run past the cache: pad it once, statically
+    pad = n_blocks * block - s_max
+    k_cache = jnp.pad(k_cache, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    v_cache = jnp.pad(v_cache, ((0, 0), (0, 0), (0, pad), (0, 0)))
+
+  def body(i, carry):
+    start = i * block
+    k_blk = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=2).astype(dtype)
+    v_blk = jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=2).astype(dtype)
+    slots = start + jnp.arange(block, dtype=jnp.int32)
+    mask = (slots[None, None, :] <= q_vis[:, :, None])[:, None, None]
+    return _online_softmax_step(carry, q, k_blk, v_blk, mask, dtype)
+
+  def blockwise(q, k_cache, v_cache):
+    _, l, acc = jax.lax.fori_loop(0, trips, body, _online_init(q))
+    return (acc / l[..., None]).astype(dtype)
+
+  def dense(q, k_cache, v_cache):
+    slots = jnp.arange(k_cache.shape[2], dtype=jnp.int32)
+    mask = (slots[None, None, :] <= q_vis[:, :, None])[:, None, None]
+    return dense_attention(q, k_cache.astype(dtype), v_cache.astype(dtype), mask, dtype)
+
+  # Past about half the cache, the dense form is cheaper than the block loop (one fused
+  # matmul, no per-block slices): take whichever costs less (the cache is only read here).
+  trips = jnp.clip((num_filled + block - 1) // block, 1, n_blocks)
+  return jax.lax.cond(trips * 2 <= n_blocks, blockwise, dense, q, k_cache, v_cache)
+
+
 class Block(nn.Module):
   """Pre-norm decoder block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))."""
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, mask):
+  def __call__(self, x, layer_cache, positions, key_mask, num_filled=None):
     """x: [B, S, d]; layer_cache: (k, v) each [B, KV, S_max, D] or None; positions: [B, S];
-    mask: [B, 1, 1, S, S_keys] bool. Returns (x, new layer_cache)."""
+    key_mask: [B, S] bool (full forward: which tokens may be attended to; unused with a cache);
+    num_filled: [] int32, cache slots in use after this call (with a cache).
+    Returns (x, new layer_cache)."""
     cfg = self.config
     dense = lambda n, name, bias=False: nn.Dense(n, use_bias=bias, dtype=cfg.jnp_dtype,
                                                  param_dtype=cfg.jnp_param_dtype, name=name)
@@ -300,19 +492,20 @@ class Block(nn.Module):
 
     k = k.transpose(0, 2, 1, 3)  # [B, KV, S, D]
     v = v.transpose(0, 2, 1, 3)
+    q = q.reshape(b, s, kv, h // kv, hd).transpose(0, 2, 3, 1, 4)  # [B, KV, G, S, D]
     if layer_cache is not None:
       k_cache, v_cache = layer_cache
       k_cache = _write_cache(k_cache, k, positions)
       v_cache = _write_cache(v_cache, v, positions)
       layer_cache = (k_cache, v_cache)
-      k, v = k_cache.astype(cfg.jnp_dtype), v_cache.astype(cfg.jnp_dtype)
-
-    q = q.reshape(b, s, kv, h // kv, hd).transpose(0, 2, 3, 1, 4)  # [B, KV, G, S, D]
-    scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32)
-    scores = scores / np.sqrt(hd).astype(np.float32)
-    scores = jnp.where(mask, scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
-    attn = jnp.einsum("bkgst,bktd->bkgsd", probs, v)
+      attn = cached_attention(q, k_cache, v_cache, positions, num_filled, cfg.decode_block,
+                              cfg.jnp_dtype)
+    elif cfg.attention == "dense" or s <= cfg.attn_block:
+      mask = (positions[:, None, :] <= positions[:, :, None]) & key_mask[:, None, :]
+      attn = dense_attention(q, k, v, mask[:, None, None], cfg.jnp_dtype)
+    else:
+      attn = blockwise_attention(q, k, v, positions, positions, key_mask, cfg.attn_block,
+                                 cfg.jnp_dtype)
     attn = attn.transpose(0, 3, 1, 2, 4).reshape(b, s, h * hd)
     x = x + dense(cfg.d_model, "o_proj")(attn)
 
@@ -323,79 +516,140 @@ class Block(nn.Module):
     return x, layer_cache
 
 
-class Transformer(nn.Module):
-  """Decoder-only LM with an optional value head. See the module docstring."""
+class _ScanBlock(nn.Module):
+  """One block as an `nn.scan` body: carry x, layer-invariant positions and key mask."""
 
   config: ModelConfig
 
   @nn.compact
+  def __call__(self, x, positions, key_mask):
+    block = Block
+    policy = REMAT_POLICIES[self.config.remat]
+    if policy is not None:
+      block = nn.remat(Block, policy=policy, prevent_cse=False)
+    x, _ = block(self.config, name="block")(x, None, positions, key_mask)
+    return x, None
+
+
+def lm_logits(config: ModelConfig, params, hidden: jax.Array) -> jax.Array:
+  """The LM head: final hidden states [..., d] -> logits [..., V] float32.
+
+  Exactly the computation of the full forward's head (tied: the transposed embedding, as
+  `nn.Embed.attend`; untied: `lm_head`, as `nn.Dense`), so applying it to `return_hidden`
+  states gives the same logits."""
+  if config.tie_embeddings:
+    weight = params["embed"]["embedding"]
+    h, weight = nn.dtypes.promote_dtype(hidden, weight, dtype=config.jnp_dtype)
+    return jnp.dot(h, weight.T).astype(jnp.float32)
+  kernel = params["lm_head"]["kernel"]
+  h, kernel = nn.dtypes.promote_dtype(hidden, kernel, dtype=config.jnp_dtype)
+  return jax.lax.dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ()))).astype(jnp.float32)
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM with an optional value head. See the module docstring.
+
+  `unrolled=True` is the round-1 layout (`layers_0`, `layers_1`, ...), used only to draw the
+  initial values (`init_params` then stacks them)."""
+
+  config: ModelConfig
+  unrolled: bool = False
+
+  @nn.compact
   def __call__(self, tokens, positions=None, *, key_mask=None, cache: KVCache | None = None,
-               return_logits: bool = True):
+               return_logits: bool = True, return_hidden: bool = False):
     """Forward pass.
 
     Args:
       tokens: [B, S] int32.
       positions: [B, S] int32 position of each token; default `arange(S)` per row.
       key_mask: [B, S] bool, tokens that may be attended to (full forward only; default all).
-      cache: `KVCache` with k, v [L, B, KV, S_max, D] for incremental decoding.
+      cache: `KVCache` with per-layer k, v [B, KV, S_max, D] for incremental decoding.
       return_logits: compute the LM head (False for a value-only critic).
+      return_hidden: return the final (normed) hidden states [B, S, d] instead of logits (the
+        head is then `lm_logits`).
 
     Returns:
-      (logits [B, S, V] float32 or None, values [B, S] float32 or None, cache or None).
+      (logits [B, S, V] float32, or hidden [B, S, d] with `return_hidden`, or None;
+       values [B, S] float32 or None; cache or None).
     """
     cfg = self.config
     b, s = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     positions = positions.astype(jnp.int32)
-
-    if cache is None:
-      if key_mask is None:
-        key_mask = jnp.ones((b, s), bool)
-      mask = (positions[:, None, :] <= positions[:, :, None]) & key_mask[:, None, :]
-    else:
-      if key_mask is not None:
-        raise ValueError("key_mask is for the full forward; with a cache, pass positions >= "
-                         "cache length for tokens that must not be written")
-      slots = jnp.arange(cache.max_len, dtype=jnp.int32)
-      mask = slots[None, None, :] <= positions[:, :, None]
-    mask = mask[:, None, None, :, :]
+    if cache is not None and key_mask is not None:
+      raise ValueError("key_mask is for the full forward; with a cache, pass positions >= "
+                       "cache length for tokens that must not be written")
+    if key_mask is None:
+      key_mask = jnp.ones((b, s), bool)
 
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype,
                      param_dtype=cfg.jnp_param_dtype,
                      embedding_init=nn.initializers.normal(stddev=0.02), name="embed")
     x = embed(tokens)
 
-    block = nn.remat(Block) if cfg.remat else Block
-    new_k, new_v = [], []
-    for i in range(cfg.num_layers):
-      layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-      x, layer_cache = block(cfg, name=f"layers_{i}")(x, layer_cache, positions, mask)
-      if layer_cache is not None:
-        new_k.append(layer_cache[0])
-        new_v.append(layer_cache[1])
+    new_cache = None
+    if self.unrolled:
+      for i in range(cfg.num_layers):
+        x, _ = Block(cfg, name=f"layers_{i}")(x, None, positions, key_mask)
+    elif cache is None:
+      layers = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)
+      x, _ = layers(cfg, name="layers")(x, positions, key_mask)
+    else:
+      stacked = self.variables["params"]["layers"]["block"]
+      in_range = positions < cache.max_len
+      num_filled = jnp.max(jnp.where(in_range, positions + 1, 0))
+      new_k, new_v = [], []
+      for i in range(cfg.num_layers):
+        layer = jax.tree.map(lambda a, i=i: a[i], stacked)
+        x, (k_i, v_i) = Block(cfg, parent=None).apply({"params": layer}, x, (cache.k[i], cache.v[i]),
+                                         positions, key_mask, num_filled)
+        new_k.append(k_i)
+        new_v.append(v_i)
+      new_cache = KVCache(k=tuple(new_k), v=tuple(new_v))
     x = RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype, name="final_norm")(x)
 
-    logits = None
-    if return_logits:
+    out = None
+    if return_hidden:
+      out = x
+    elif return_logits:
       if cfg.tie_embeddings:
-        logits = embed.attend(x)
+        out = embed.attend(x)
       else:
-        logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
-                          param_dtype=cfg.jnp_param_dtype, name="lm_head")(x)
-      logits = logits.astype(jnp.float32)
+        out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
+                       param_dtype=cfg.jnp_param_dtype, name="lm_head")(x)
+      out = out.astype(jnp.float32)
     values = None
     if cfg.value_head:
       values = nn.Dense(1, dtype=jnp.float32, param_dtype=cfg.jnp_param_dtype,
                         kernel_init=nn.initializers.zeros, name="value_head")(x)[..., 0]
-    new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
-    return logits, values, new_cache
+    return out, values, new_cache
+
+
+def stack_layers(params, num_layers: int):
+  """Round-1 unrolled params (`layers_0` ... `layers_{L-1}`) -> the stacked layout
+  (`layers/block/<name>` with a leading [L] axis). Other entries are kept."""
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
+  out["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)}
+  return out
+
+
+def unstack_layers(params, num_layers: int):
+  """The inverse of `stack_layers` (e.g. to read a round-1 style per-layer view)."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"]["block"])
+  return out
 
 
 def init_params(config: ModelConfig, key: jax.Array, *, lm_head: bool = True):
   """Initialise a `Transformer`'s params pytree (`{'embed': ..., 'layers': ..., ...}`).
 
-  Jitted: eager Linen init dispatches op by op and is several times slower on CPU.
+  Jitted: eager Linen init dispatches op by op and is several times slower on CPU. The values
+  are drawn per layer under the round-1 names and stacked (module docstring).
   """
   return _init_params(config, key, lm_head)
 
@@ -403,14 +657,16 @@ def init_params(config: ModelConfig, key: jax.Array, *, lm_head: bool = True):
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _init_params(config: ModelConfig, key: jax.Array, lm_head: bool):
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return Transformer(config).init(key, tokens, return_logits=lm_head)["params"]
+  params = Transformer(config, unrolled=True).init(key, tokens, return_logits=lm_head)["params"]
+  return stack_layers(params, config.num_layers)
 
 
 def apply(config: ModelConfig, params, tokens, positions=None, *, key_mask=None, cache=None,
-          return_logits: bool = True):
+          return_logits: bool = True, return_hidden: bool = False):
   """Pure function view of `Transformer.__call__` (see its docstring for shapes)."""
   return Transformer(config).apply({"params": params}, tokens, positions, key_mask=key_mask,
-                                   cache=cache, return_logits=return_logits)
+                                   cache=cache, return_logits=return_logits,
+                                   return_hidden=return_hidden)
 
 
 def count_params(params) -> int:
@@ -433,11 +689,14 @@ def init_actor_critic(config: ModelConfig, key: jax.Array, *, separate_critic: b
   return params
 
 
-def apply_actor_critic(config: ModelConfig, params, tokens, positions=None, *, key_mask=None):
-  """Full forward of policy and critic: (logits [B, S, V] f32, values [B, S] f32)."""
+def apply_actor_critic(config: ModelConfig, params, tokens, positions=None, *, key_mask=None,
+                       return_hidden: bool = False):
+  """Full forward of policy and critic: (logits [B, S, V] f32, or the policy's final hidden
+  states [B, S, d] with `return_hidden`; values [B, S] f32)."""
   separate = "critic" in params
   policy_cfg = dataclasses.replace(config, value_head=not separate)
-  logits, values, _ = apply(policy_cfg, params["policy"], tokens, positions, key_mask=key_mask)
+  logits, values, _ = apply(policy_cfg, params["policy"], tokens, positions, key_mask=key_mask,
+                            return_hidden=return_hidden)
   if separate:
     critic_cfg = dataclasses.replace(config, value_head=True)
     _, values, _ = apply(critic_cfg, params["critic"], tokens, positions, key_mask=key_mask,

@@ -222,9 +222,14 @@ def token_log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   Returns:
     [B, T] float32 log-probs (nats), 0 at t = 0.
   """
-  logp, _ = _safe_log_softmax(logits[:, :-1])
-  taken = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.pad(taken, ((0, 0), (1, 0)))
+  return jnp.pad(gather_log_probs(logits[:, :-1], tokens[:, 1:]), ((0, 0), (1, 0)))
+
+
+def gather_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """`log softmax(logits)[targets]`, unshifted: logits [..., V], targets [...] int -> [...]
+  float32 (what `token_log_probs` computes after aligning the stream)."""
+  logp, _ = _safe_log_softmax(logits)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
 def truncated_importance_weights(learner_logp: jax.Array, sampler_logp: jax.Array,

@@ -55,13 +55,16 @@ def ppo_update(params, opt_state, batch, key: jax.Array, *,
     params, opt_state, skipped = carry
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
     loss, metrics, grads = reduce((loss, metrics, grads))
-    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    # One global reduction (not a per-leaf chain of `and`s, which XLA copied into every
+    # leaf's `where` and made compile time quadratic in depth): any NaN/inf gradient entry
+    # makes the global norm non-finite.
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
     opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt, opt_state)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
     return (params, opt_state, skipped + (~finite).astype(jnp.int32)), metrics
 
   def epoch(carry, key):

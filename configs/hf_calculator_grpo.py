@@ -16,9 +16,10 @@ right final answer. docs/HF.md explains every field and the memory needed.
 
 Sizes are meant for one 80 GB GPU and a 0.5B-1.5B model (not yet run on one: see docs/HF.md):
 4 prompts x 4 rollouts per step in 1024-token rows, f32 master weights with bf16 matmuls,
-rematerialised blocks. The train step scores the whole batch in one forward, whose f32 logits
-are batch x max_len x vocab (16 x 1024 x 151936 x 4 bytes = 10 GB for Qwen): raise
-`rollout.num_envs` / `max_len` with that in mind, and `algo.minibatches` with them.
+rematerialised blocks. The learner scores tokens in `model.logits_chunk` position chunks, so
+no batch x max_len x vocab tensor exists; the compiled step of Qwen2.5-1.5B at 64 rollouts of
+2048 tokens needs about 50 GB (docs/HF.md, measured with `python -m experiments.benchmark
+memory`), so `rollout.num_envs` / `max_len` can grow well beyond these defaults.
 """
 
 import ml_collections

@@ -138,7 +138,7 @@ class ModelConfig:
   attention: str = "blockwise"
   attn_block: int = 512
   decode_block: int = 256
-  logits_chunk: int = 256
+  logits_chunk: int = 128
 
   def __post_init__(self):
     if isinstance(self.remat, (bool, np.bool_)):

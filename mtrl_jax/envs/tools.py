@@ -26,6 +26,11 @@ anything after that `<eot>` is ignored. An optional leading think block is skipp
 content is free). Nothing may follow the closing tag. Violations give an error code (see
 `ERROR_CODES`) that environments answer with `<tool> <error> code <eot> <assistant>`.
 
+Building turns and replies: `tagged_action` writes one agent turn (`<call> tool args </call>
+<eot>`, `<answer> ... </answer> <eot>`, optionally without its closing tag via `closing`, the
+noisy expert's mistake), `choose_action` selects among such actions by a traced index,
+`error_content` is the `<error> code` reply content, `pad_to` pads static-length ids.
+
 Arithmetic (`eval_expression`) uses the usual precedence: `*` binds tighter than `+` and `-`,
 which associate left to right (what Python or a pocket calculator does), and a `-` that does
 not follow a digit is a unary minus on the next operand: `2 * - 3 + 4 -> -2`.

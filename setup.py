@@ -55,8 +55,17 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    # experiments/ and configs/ are run from the repo root (`python -m experiments.train`).
-    packages=find_packages(include=["mtrl_jax", "mtrl_jax.*"]),
+    # The programs (experiments/) and the shipped configs (configs/) are installed too, so
+    # `python -m experiments.train --config configs/quickstart.py` and the console scripts below
+    # run from any folder (experiments.cli resolves the shipped configs' paths).
+    packages=find_packages(include=["mtrl_jax", "mtrl_jax.*", "experiments", "configs"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    entry_points={"console_scripts": [
+        "mtrl-train = experiments.cli:train_script",
+        "mtrl-sft = experiments.cli:sft_script",
+        "mtrl-evaluate = experiments.cli:evaluate_script",
+        "mtrl-reflexion = experiments.cli:reflexion_script",
+        "mtrl-benchmark = experiments.cli:benchmark_script",
+    ]},
 )

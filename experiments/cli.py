@@ -1,19 +1,90 @@
-"""Command-line plumbing shared by the experiment programs."""
+"""Command-line plumbing shared by the experiment programs, and their console scripts.
+
+`--config PATH` is an `ml_collections` config file. A path under `configs/` that does not
+exist where you run names the shipped config of that name (the installed `configs` package),
+so `--config configs/quickstart.py` works from any folder; your own config files can import
+the shipped ones (`from configs import quickstart`). When the file is loaded, `config.env` is
+filled with every override its environment declares (`mtrl_jax.train.fill_env_section`, for
+the `--config.env.name` of the command line if there is one), so `--config.env.<key>=...`
+sets any of them and an unknown key is an error listing them.
+
+The console scripts `mtrl-train`, `mtrl-sft`, `mtrl-evaluate`, `mtrl-reflexion` and
+`mtrl-benchmark` (setup.py) run `python -m experiments.<program>` from any folder, with that
+folder on `sys.path` as `python -m` has it (so a config can name an environment in a module
+there, `config.env.name = "my_env:MyEnv"`).
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import runpy
 import sys
 
-from absl import flags
-from ml_collections import config_flags
+from absl import app, flags
+from ml_collections import config_dict, config_flags
 
 from mtrl_jax import checkpoint as ckpt_lib
 
 # The --config flag of every experiment program (ml_collections config file + overrides).
-CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file.",
+CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<name>.py file "
+                                         "(a shipped one from any folder) or your own.",
                                          lock_config=True)
+
+
+def config_path(path: str) -> str:
+  """`path`, or, if it does not exist and starts with `configs/`, the shipped config of that
+  name in the installed `configs` package (unchanged when there is none: the loader then
+  reports the missing file)."""
+  parts = os.path.normpath(path).split(os.sep)
+  if os.path.exists(path) or len(parts) < 2 or parts[0] != "configs":
+    return path
+  try:
+    import configs
+  except ImportError:
+    return path
+  shipped = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), *parts[1:])
+  return shipped if os.path.exists(shipped) else path
+
+
+def env_name_override(argv: list[str]) -> str | None:
+  """The value of `--config.env.name=...` in `argv` (the last one), or None."""
+  name = None
+  for i, a in enumerate(argv):
+    if a.startswith("--config.env.name="):
+      name = a.split("=", 1)[1]
+    elif a == "--config.env.name" and i + 1 < len(argv):
+      name = argv[i + 1]
+  return name
+
+
+def complete_config(config, argv: list[str]) -> None:
+  """Fill `config.env` with its environment's declared overrides (in place; see the module
+  docstring)."""
+  if isinstance(config, config_dict.ConfigDict) and "env" in config:
+    from mtrl_jax import train as train_lib
+    train_lib.fill_env_section(config, env_name_override(argv))
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """`ml_collections`' config-file parser (`inner`: it loads and locks the file) with
+  `config_path` before and `complete_config` after (the overrides are applied after both)."""
+
+  def __init__(self, inner: flags.ArgumentParser):
+    self.inner = inner
+
+  def parse(self, argument):
+    file, sep, arg = str(argument).partition(":")
+    config = self.inner.parse(config_path(file) + sep + arg)
+    complete_config(config, sys.argv)
+    return config
+
+  def flag_type(self):
+    return self.inner.flag_type()
+
+
+flags.FLAGS["config"].parser = _ConfigFileParser(flags.FLAGS["config"].parser)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -50,7 +121,9 @@ def _load_config(argv: list[str]):
         argv[i + 1] if a == "--config" and i + 1 < len(argv) else None)
     if path:
       try:
-        return runpy.run_path(path.split(":")[0])["get_config"]()
+        config = runpy.run_path(config_path(path.split(":")[0]))["get_config"]()
+        complete_config(config, argv)
+        return config
       except Exception:  # the real parse reports problems with the file itself
         return None
   return None
@@ -133,3 +206,38 @@ def output_path(out: str | None, run_dir: str | None, name: str) -> str:
   if run_dir is None:
     sys.exit("error: without --run, name the output file with --out")
   return os.path.join(run_dir, name)
+
+
+# --- console scripts (setup.py entry points) ---------------------------------------------------
+
+def _program(module: str):
+  """Import `experiments.<module>` (which defines its flags) with the working directory first on
+  `sys.path`, as `python -m` runs it."""
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
+  return importlib.import_module(f"experiments.{module}")
+
+
+def train_script():
+  """`mtrl-train`: `python -m experiments.train`."""
+  app.run(_program("train").main, flags_parser=parse_flags)
+
+
+def sft_script():
+  """`mtrl-sft`: `python -m experiments.sft`."""
+  app.run(functools.partial(_program("train").main, sft_only=True), flags_parser=parse_flags)
+
+
+def evaluate_script():
+  """`mtrl-evaluate`: `python -m experiments.evaluate`."""
+  app.run(_program("evaluate").main, flags_parser=parse_flags)
+
+
+def reflexion_script():
+  """`mtrl-reflexion`: `python -m experiments.reflexion`."""
+  app.run(_program("reflexion").main, flags_parser=parse_flags)
+
+
+def benchmark_script():
+  """`mtrl-benchmark`: `python -m experiments.benchmark`."""
+  sys.exit(_program("benchmark").main())

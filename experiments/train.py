@@ -8,7 +8,9 @@ the work directory (default `runs/<config name>`):
 * `metrics.jsonl` - one JSON object per logged step (`step`, `sft/*`, `train/*`, `eval/*`,
   `perf/*`), and the same scalars as TensorBoard event files;
 * `checkpoints/` - orbax checkpoints every `config.train.checkpoint_every` steps (keep
-  `keep_checkpoints`); rerunning the same command resumes from the latest one, exactly;
+  `keep_checkpoints`), at the end of SFT (always kept) and at the end; rerunning the same
+  command resumes from the latest one, exactly; `mtrl_jax.runs.load_run(workdir, step)` loads
+  one in Python;
 * `samples.txt` - conversations of the final policy (`▶` sampled tokens, in the loss; `│`
   prompt, tool replies and forced tokens, masked);
 * `learning_curves.png`.
@@ -140,8 +142,11 @@ def main(argv, *, sft_only: bool = False):
   seed_keys = jax.random.split(jax.random.key(config.seed), seeds)
   seed_keys = seed_keys if seeds > 1 else seed_keys[0]
 
+  # The end of SFT is always saved and kept (whatever keep_checkpoints says): the warm start
+  # stays loadable for evaluation after RL (`mtrl_jax.runs.load_run(workdir, step=sft_steps)`).
   ckpt = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               save_every=tc.checkpoint_every, keep=tc.keep_checkpoints)
+                               save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
+                               keep_steps=(sft_steps,) if sft_steps else ())
   step = ckpt.latest_step() or 0
   if step:
     # The state switched to the RL optimizer at step == sft_steps.
@@ -197,7 +202,7 @@ def main(argv, *, sft_only: bool = False):
           m.update(_host(evaluate(state.params), seeds))
         log(step, m, force=eval_now)
         phase = "rl"
-      if step % tc.checkpoint_every == 0 or step == total:
+      if step % tc.checkpoint_every == 0 or step in (sft_steps, total):
         ckpt.save(step, state, {"phase": phase, "config": config.to_dict()}, force=True)
   finally:
     bar.close()

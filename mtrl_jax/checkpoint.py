@@ -1,6 +1,7 @@
-"""Checkpoints of a training state: an orbax `CheckpointManager` with save, resume and keep-N.
+"""Checkpoints of a training state: an orbax `CheckpointManager` with save, resume and keep-N
+(plus named steps kept for good, `keep_steps`).
 
-    ckpt = Checkpointer(workdir / "checkpoints", save_every=100, keep=3)
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=100, keep=3, keep_steps=(500,))
     state, meta = ckpt.restore(init_state) if ckpt.latest_step() is not None else (init_state, {})
     for step in ...:
       state, metrics = train_step(state)
@@ -255,11 +256,13 @@ class Checkpointer:
     save_every: `save(step, ...)` writes when `step % save_every == 0` (or `force=True`).
     keep: how many of the most recent checkpoints to keep (older ones are deleted after a
       successful save).
+    keep_steps: steps that are kept in addition, whatever `keep` says (e.g. the end of the
+      supervised warm start, so that it can be evaluated after RL).
     async_save: write in a background thread (default); False blocks in `save`.
   """
 
   def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int,
-               async_save: bool = True):
+               keep_steps=(), async_save: bool = True):
     if not isinstance(save_every, (int, np.integer)) or save_every < 1:
       raise ValueError(f"save_every must be a positive integer, got {save_every!r}")
     if not isinstance(keep, (int, np.integer)) or keep < 1:
@@ -267,8 +270,11 @@ class Checkpointer:
     self.directory = os.path.abspath(os.fspath(directory))
     self.save_every = int(save_every)
     self.keep = int(keep)
+    self.keep_steps = tuple(sorted({int(x) for x in keep_steps}))
+    policy = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=self.keep,
+        preservation_policy=policy.AnyPreservationPolicy(
+            [policy.LatestN(n=self.keep), policy.CustomSteps(steps=self.keep_steps)]),
         create=True,
         cleanup_tmp_directories=True,  # leftovers of interrupted saves (never a checkpoint)
         enable_async_checkpointing=async_save,
@@ -393,6 +399,25 @@ class Checkpointer:
       raise CheckpointError(f"{self._where(step)}: meta is {type(restored.meta).__name__}, "
                             "expected a JSON object")
     return _from_stored(restored.state, template_state), restored.meta
+
+  def meta(self, step: int | None = None) -> dict:
+    """The meta dict of checkpoint `step` (default: the latest), read without the state (e.g.
+    the config a run was trained with, to rebuild its template). Raises `CheckpointError`."""
+    self._wait("reading meta")
+    steps = self.steps()
+    if step is None and not steps:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+      raise CheckpointError(f"no {self._where(step)} (available: {steps})")
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise CheckpointError(f"{self._where(step)}: cannot read its meta: {_short(e)}") from e
+    if not isinstance(meta.meta, dict):
+      raise CheckpointError(f"{self._where(step)}: meta is {type(meta.meta).__name__}, "
+                            "expected a JSON object")
+    return meta.meta
 
   def restore_newest_intact(self, template_for, below: int | None = None
                             ) -> tuple[Any, dict, int, list[tuple[int, str]]]:

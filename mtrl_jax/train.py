@@ -36,10 +36,12 @@ written_mask = scoring.written_mask  # re-exported: part of the public API since
 
 
 def build_env(section: Mapping[str, Any]) -> tuple[envs_base.Environment, Any]:
-  """`config.env` = {name, **overrides} -> (env, env_params)."""
+  """`config.env` = {name, **overrides} -> (env, env_params). `name` is a registered name or
+  an import path `"pkg.mod:Class"` (`envs.registry.make`)."""
   kwargs = section_dict(section)
   if "name" not in kwargs:
-    raise ValueError(f"config.env.name is missing; known environments: {registry.list_envs()}")
+    raise ValueError(f"config.env.name is missing; known environments: {registry.list_envs()}"
+                     ", or an import path 'package.module:Class'")
   name = kwargs.pop("name")
   try:
     env, params = registry.make(name, **kwargs)
@@ -50,6 +52,35 @@ def build_env(section: Mapping[str, Any]) -> tuple[envs_base.Environment, Any]:
     Checks(params, "env").number("noise", 0.0, 1.0)
     Checks(params, "env").number("format_penalty", 0.0)
   return env, params
+
+
+def fill_env_section(config, name: str | None = None) -> None:
+  """Put every override the environment of `config.env` declares into `config.env` (in place;
+  a locked ConfigDict is unlocked for it), with its default, so that a command line can set
+  any of them (`--config.env.format_penalty=0.1`) and an unknown key is still an error.
+
+  The environment is `name`, else `config.env.name` (registered or an import path): its
+  constructor arguments and `Params` fields (`envs.registry.declared_overrides`) with a number,
+  string or boolean default, or a None default of such a type (an `ml_collections` placeholder
+  of that type). Keys already set are kept. A factory's environment (`json_tool`), a missing or
+  unknown name change nothing (`build_env` reports the latter)."""
+  section = config["env"] if isinstance(config, Mapping) else config.env
+  name = section.get("name") if name is None else name
+  if not isinstance(name, str):
+    return
+  try:
+    declared = registry.declared_overrides(name)
+  except ValueError:
+    return
+  from ml_collections import config_dict
+  values = {k: (default if default is not None else config_dict.placeholder(kind))
+            for k, (default, kind) in declared.items() if k not in section and kind is not None}
+  if hasattr(section, "unlocked"):
+    with section.unlocked():
+      section.update(values)
+  else:
+    section.update({k: None if isinstance(v, config_dict.FieldReference) else v
+                    for k, v in values.items()})
 
 
 def build_model_config(section: Mapping[str, Any], vocab_size: int) -> tf.ModelConfig:

@@ -127,6 +127,30 @@ def test_keep_n_and_latest_step(tmp_path):
   assert sorted(f for f in os.listdir(tmp_path) if f.isdigit()) == ["6", "8"]
 
 
+def test_keep_steps_survive_keep_n_and_meta_reads_alone(tmp_path):
+  """`keep_steps` (the end of SFT in experiments.train) are kept although `keep=2` deletes
+  the other old steps; a fresh Checkpointer (a resumed run) keeps them too; `meta` reads a
+  step's meta without a template."""
+  state = _make_state()
+  with Checkpointer(tmp_path, save_every=1, keep=2, keep_steps=(3,)) as ck:
+    for step in range(1, 8):
+      ck.save(step, state.replace(step=jnp.int32(step)), {"step": step})
+    ck.wait()
+    assert ck.steps() == [3, 6, 7]
+    restored, meta = ck.restore(state, 3)
+    assert int(restored.step) == 3 and meta == {"step": 3}
+  with Checkpointer(tmp_path, save_every=1, keep=2, keep_steps=[3]) as ck:
+    ck.save(8, state.replace(step=jnp.int32(8)), {"step": 8})
+    ck.wait()
+    assert ck.steps() == [3, 7, 8]
+    assert ck.meta() == {"step": 8} and ck.meta(3) == {"step": 3}
+    with pytest.raises(CheckpointError, match=r"no checkpoint step 5 .*available: \[3, 7, 8\]"):
+      ck.meta(5)
+  with Checkpointer(tmp_path / "empty", save_every=1, keep=1) as ck:
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+      ck.meta()
+
+
 def test_interrupted_save_is_not_a_checkpoint(tmp_path):
   """A save killed before its rename leaves a tmp directory that is not listed (and is removed)."""
   state = _make_state()

@@ -25,13 +25,13 @@ from mtrl_jax.envs import fix as F
 from mtrl_jax.models import transformer as tf
 from mtrl_jax.types import check_trajectory
 
-from tests import env_harness
+from mtrl_jax.envs import check
 
 B = 64
-EXPERT, RANDOM = env_harness.EXPERT, env_harness.RANDOM
+EXPERT, RANDOM = check.EXPERT, check.RANDOM
 
 
-class Harness(env_harness.EnvHarness):
+class Harness(check.EnvHarness):
 
   def __init__(self, **overrides):
     env, params = registry.make("fix", **overrides)
@@ -114,6 +114,14 @@ def py_turn_penalty(turns, start, limit):
 
 
 # --- API, shapes, determinism ------------------------------------------------------------------
+
+def test_check_env_passes():
+  """The public contract check (`mtrl_jax.envs.check_env`) on `fix`, reusing its harness."""
+  h = harness()
+  report = check.check_env(h.env, h.params, harness=h)
+  assert report["expert_success"] == 1.0 and report["turns"] > 1
+  assert report["garbage_success"] < 0.05 and report["garbage_error_rate"] > 0.9, report
+
 
 def test_reset_step_expert_shapes_jit_vmap():
   h = harness()

@@ -26,13 +26,13 @@ from mtrl_jax.envs import retrieval as RV
 from mtrl_jax.models import transformer as tf
 from mtrl_jax.types import check_trajectory
 
-from tests import env_harness
+from mtrl_jax.envs import check
 
 B = 64
-EXPERT, RANDOM = env_harness.EXPERT, env_harness.RANDOM
+EXPERT, RANDOM = check.EXPERT, check.RANDOM
 
 
-class Harness(env_harness.EnvHarness):
+class Harness(check.EnvHarness):
 
   def __init__(self, **overrides):
     env, params = registry.make("retrieval", **overrides)
@@ -167,6 +167,16 @@ def _metrics(scores, relevant, k):
 
 
 # --- API, catalog, need ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("multi_turn", [False, True])
+def test_check_env_passes(multi_turn):
+  """The public contract check (`mtrl_jax.envs.check_env`) on both variants, reusing their
+  harnesses; the expert's perfect ranking is not guaranteed (ties), so 0.95 of the episodes."""
+  h = harness(multi_turn)
+  report = check.check_env(h.env, h.params, harness=h, expert_success=0.95)
+  assert report["expert_success"] >= 0.95
+  assert report["garbage_success"] < 0.05 and report["garbage_error_rate"] > 0.8, report
+
 
 def test_reset_step_expert_shapes_jit_vmap():
   h = harness()

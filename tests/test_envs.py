@@ -24,10 +24,10 @@ from mtrl_jax.envs.clarify import Clarify
 from mtrl_jax.envs.search import Search
 from mtrl_jax.types import check_trajectory
 
-from tests import env_harness
+from mtrl_jax.envs import check
 
 B = 64            # batch of every compiled function
-EXPERT, RANDOM, SHORTCUT = 0, 1, 2  # test policies
+EXPERT, RANDOM, SHORTCUT = check.EXPERT, check.RANDOM, check.FIRST_EXTRA  # test policies
 EPISODES = 256    # episodes for success statistics (4 batches of B)
 ENVS = ("calculator", "search", "clarify")
 SETTINGS = dict(max_examples=50, deadline=None, derandomize=True,
@@ -36,7 +36,7 @@ SETTINGS = dict(max_examples=50, deadline=None, derandomize=True,
 
 # --- shared, compiled-once harness -----------------------------------------------------------
 
-class Harness(env_harness.EnvHarness):
+class Harness(check.EnvHarness):
   """One environment with its functions jitted (vmapped over B) once; mode SHORTCUT plays the
   environment's shortcut policy below."""
 
@@ -169,6 +169,17 @@ def test_finished_episode_does_not_move():
   again, reply2, reward2, done2, _ = h.step(keys[4], state, answer, h.params)
   chex.assert_trees_all_equal(again, state)
   assert np.all(np.asarray(reward2) == 0) and np.all(np.asarray(reply2.tokens) == 0)
+
+
+@pytest.mark.parametrize("name", ENVS)
+def test_check_env_passes(name):
+  """The public contract check (`mtrl_jax.envs.check_env`, tested on broken environments in
+  test_check_env.py) on the built-in environment, reusing its compiled harness."""
+  h = harness(name)
+  report = check.check_env(h.env, h.params, harness=h)
+  assert report["expert_success"] == 1.0
+  assert report["garbage_success"] < 0.05 and report["garbage_error_rate"] > 0.9, report
+  assert 0.05 < report["demo_success_noisy"] < 0.9, report
 
 
 # --- behaviour: expert, noise, shortcuts, random -----------------------------------------------

@@ -51,6 +51,29 @@ def test_bad_configs_fail_before_compiling(section, key, value, match):
     train_lib.make_train(c)
 
 
+def test_fill_env_section_declares_every_override():
+  """config.env gets every constructor argument and Params field of its environment (what the
+  CLI does on loading, so --config.env.<key> can set any of them); set keys are kept."""
+  c = small_config()
+  c.lock()
+  train_lib.fill_env_section(c)
+  assert sorted(c.env) == ["format_penalty", "max_tool_operands", "max_turns", "name", "noise",
+                           "num_digits", "num_operands", "operators"]  # not `vocab`
+  assert c.env.num_digits == 3 and c.env.operators == "+-*" and c.env.format_penalty == 0.0
+  c.env.format_penalty = 0.1  # the locked config takes a declared key...
+  with pytest.raises(AttributeError, match="formt_penalty"):
+    c.env.formt_penalty = 0.1  # ...and still refuses an unknown one
+  assert train_lib.make_train(c).env_params.format_penalty == 0.1
+  section = {"env": {"name": "clarify", "ask_cost": 0.05}}  # a plain dict; None defaults too
+  train_lib.fill_env_section(section)
+  assert section["env"]["ask_cost"] == 0.05 and section["env"]["max_turns"] is None
+  assert section["env"]["fully_specified"] is False
+  for name in ("json_tool", "chess"):  # a factory's overrides are its own; unknown: build_env
+    section = {"env": {"name": name}}
+    train_lib.fill_env_section(section)
+    assert section == {"env": {"name": name}}
+
+
 def test_unknown_config_key_is_rejected_by_the_cli():
   out = subprocess.run(
       [sys.executable, "-m", "experiments.train", "--config", "configs/quickstart.py",
@@ -183,7 +206,8 @@ def test_quickstart_trains_to_high_success(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(
-    f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py")))
+    f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+    if f.endswith(".py") and f != "__init__.py"))
 def test_every_config_builds(name):
   import importlib
   config = importlib.import_module(f"configs.{name}").get_config()

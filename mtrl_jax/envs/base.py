@@ -31,6 +31,8 @@ property): `name`, `Params`, `empty_idle_actions`, `reflection_len`. Code reads 
 attributes (`env.reflection_len`), never with `getattr(env, ..., default)`. An environment that
 changes another one (a tool answered in Python, a memory in the prompt, a real tokenizer's
 ids) subclasses `mtrl_jax.envs.wrappers.Wrapper`, which forwards all of this.
+
+`mtrl_jax.envs.check_env(env)` checks an environment against this contract (`envs.check`).
 """
 
 from __future__ import annotations

@@ -203,18 +203,10 @@ class Calculator(base.Environment):
     return state, obs, reward, answered
 
   # --- actions (the expert's vocabulary; handy for scripted policies and tests) -------------
-  def _closing(self, tag: str, closed) -> tuple[jax.Array, jax.Array]:
-    """(tail [2] int32, its length): `tag <eot>` if closed else `<eot> <pad>`; closed: bool or
-    [] bool (traced)."""
-    closed = jnp.asarray(closed)
-    tail = jnp.stack([jnp.where(closed, self.id(tag), self.id(V.EOT)),
-                      jnp.where(closed, self.id(V.EOT), V.PAD_ID)]).astype(jnp.int32)
-    return tail, 1 + closed.astype(jnp.int32)
-
   def call_action(self, expression: jax.Array, closed=True) -> base.Action:
     """`<call> calc <expression> </call> <eot>` (without `</call>` if not `closed`, a bool or
     [] bool). expression: [n] int32 tokens (static n). tokens: [max(action_len, n + 4)]."""
-    tail, n_tail = self._closing(V.CALL_CLOSE, closed)
+    tail, n_tail = T.closing(self.vocab, V.CALL_CLOSE, closed)
     toks = jnp.concatenate([jnp.asarray(self.vocab.ids([V.CALL_OPEN, "calc"]), jnp.int32),
                             jnp.asarray(expression, jnp.int32), tail])
     return base.Action(T.pad_to(toks, max(self.action_len, toks.shape[0])),
@@ -224,7 +216,7 @@ class Calculator(base.Environment):
     """`<answer> digits </answer> <eot>` (without `</answer>` if not `closed`) for value: []
     int32 (|value| within the question's range). tokens: [action_len]."""
     digits, m = T.encode_int(value, self._digit_ids, self._minus, self.answer_width)
-    tail, n_tail = self._closing(V.ANSWER_CLOSE, closed)
+    tail, n_tail = T.closing(self.vocab, V.ANSWER_CLOSE, closed)
     j = jnp.arange(self.action_len)
     body = digits[jnp.clip(j - 1, 0, self.answer_width - 1)]
     toks = jnp.where(j == 0, self.id(V.ANSWER_OPEN), jnp.where(

@@ -26,6 +26,11 @@ anything after that `<eot>` is ignored. An optional leading think block is skipp
 content is free). Nothing may follow the closing tag. Violations give an error code (see
 `ERROR_CODES`) that environments answer with `<tool> <error> code <eot> <assistant>`.
 
+Building turns and replies: `tagged_action` writes one agent turn (`<call> tool args </call>
+<eot>`, `<answer> ... </answer> <eot>`, optionally without its closing tag via `closing`, the
+noisy expert's mistake), `choose_action` selects among such actions by a traced index,
+`error_content` is the `<error> code` reply content, `pad_to` pads static-length ids.
+
 Arithmetic (`eval_expression`) uses the usual precedence: `*` binds tighter than `+` and `-`,
 which associate left to right (what Python or a pocket calculator does), and a `-` that does
 not follow a digit is a unary minus on the next operand: `2 * - 3 + 4 -> -2`.
@@ -41,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtrl_jax import vocab as V
+from mtrl_jax.envs import base
 
 INT_MAX = 2**31 - 1
 MAX_INT_DIGITS = 10  # digits of INT_MAX
@@ -359,6 +365,38 @@ def pad_to(ids: Sequence[int] | jax.Array, width: int) -> jax.Array:
   if ids.shape[0] > width:
     raise ValueError(f"{ids.shape[0]} tokens do not fit in width {width}")
   return jnp.concatenate([ids, jnp.full((width - ids.shape[0],), V.PAD_ID, jnp.int32)])
+
+
+def closing(vocab: V.Vocab, tag: str, closed) -> tuple[jax.Array, jax.Array]:
+  """The end of a tagged turn: (tail [2] int32, its length [] int32) = `tag <eot>` (2) if
+  `closed`, else `<eot> <pad>` (1), the "forgot the closing tag" mistake of a noisy expert.
+  tag: e.g. `V.CALL_CLOSE`; closed: bool or [] bool (traced)."""
+  closed = jnp.asarray(closed)
+  tail = jnp.stack([jnp.where(closed, vocab.id(tag), vocab.id(V.EOT)),
+                    jnp.where(closed, vocab.id(V.EOT), V.PAD_ID)]).astype(jnp.int32)
+  return tail, (1 + closed.astype(jnp.int32)).astype(jnp.int32)
+
+
+def tagged_action(vocab: V.Vocab, head: Sequence[str], body: jax.Array, body_len, close: str,
+                  width: int, closed=True) -> base.Action:
+  """One agent turn `head... body[:body_len] close <eot>` as an `envs.base.Action` (tokens
+  [width] int32 right-padded, length [] int32): what an expert or a scripted policy plays.
+
+  head: opening symbols, e.g. `(V.CALL_OPEN, "convert")` or `(V.ANSWER_OPEN,)`; body: [n]
+  int32 token ids; body_len: [] int (<= n) of them used (e.g. the digits `encode_int`
+  wrote); close: the closing tag (`V.CALL_CLOSE`, `V.ANSWER_CLOSE`); closed: bool or [] bool,
+  False leaves the tag out (`closing`). Raises ValueError if `len(head) + n + 2 > width`.
+  """
+  body = jnp.asarray(body, jnp.int32)
+  need = len(head) + body.shape[0] + 2
+  if need > width:
+    raise ValueError(f"a turn of {len(head)} head symbols, a {body.shape[0]}-token body and "
+                     f"the closing tag needs width >= {need}, got {width} (raise action_len)")
+  tail, n_tail = closing(vocab, close, closed)
+  tokens, length = base.concat_segments(
+      [(jnp.asarray(vocab.ids(head), jnp.int32), len(head)), (body, body_len), (tail, n_tail)],
+      width)
+  return base.Action(tokens, length.astype(jnp.int32))
 
 
 def choose_action(index: jax.Array, options: Sequence[Any]) -> Any:

@@ -493,7 +493,7 @@ def cmd_compile(args) -> int:
 
 def bench_decode(model: str, batch: int, max_len: int, filled: int, *, iters: int,
                  blockwise: bool = True, layers: int | None = None,
-                 decode_block: int | None = None) -> dict:
+                 decode_block: int | None = None, vocab_size: int | None = None) -> dict:
   """ms per one-token decode call at cache size `max_len` with `filled` slots in use.
   `blockwise=False` attends densely over the whole static cache (the cost before blockwise
   decode): the same model with `decode_block = max_len`."""
@@ -501,6 +501,8 @@ def bench_decode(model: str, batch: int, max_len: int, filled: int, *, iters: in
   overrides = {} if layers is None else {"num_layers": layers}
   if decode_block is not None:
     overrides["decode_block"] = decode_block
+  if vocab_size is not None:  # e.g. a small one, to see attention without the LM head's cost
+    overrides["vocab_size"] = vocab_size
   cfg = tf.model_config(model, 128, value_head=False, **overrides)
   if not blockwise:
     cfg = dataclasses.replace(cfg, decode_block=max_len)
@@ -522,8 +524,9 @@ def bench_decode(model: str, batch: int, max_len: int, filled: int, *, iters: in
   t0 = time.perf_counter()
   jax.block_until_ready(steps(params, cache, pos))
   per = (time.perf_counter() - t0) / iters
-  return {"bench": "decode", "model": model, "layers": cfg.num_layers, "batch": batch,
-          "max_len": max_len, "filled": filled, "decode_block": cfg.decode_block,
+  return {"bench": "decode", "model": model, "layers": cfg.num_layers,
+          "vocab_size": cfg.vocab_size, "batch": batch, "max_len": max_len, "filled": filled,
+          "decode_block": cfg.decode_block,
           "attention": "blockwise" if blockwise and max_len > cfg.decode_block else "dense",
           "ms_per_step": round(per * 1e3, 3), "device": _device()}
 
@@ -536,7 +539,7 @@ def cmd_decode(args) -> int:
         for blockwise in (True, False):
           row = bench_decode(model, args.batch, max_len, filled, iters=args.iters,
                              blockwise=blockwise, layers=args.layers,
-                             decode_block=args.decode_block)
+                             decode_block=args.decode_block, vocab_size=args.vocab_size)
           ms[filled, blockwise] = row["ms_per_step"]
           print(json.dumps(row), flush=True)
       # Against the full cache with blockwise attention and with dense attention (the cost of
@@ -616,6 +619,8 @@ def main(argv=None) -> int:
   p.add_argument("--layers", type=int, default=None, help="override the depth")
   p.add_argument("--decode_block", type=int, default=None,
                  help="override ModelConfig.decode_block")
+  p.add_argument("--vocab_size", type=int, default=None,
+                 help="override the vocabulary (a small one leaves the LM head's cost out)")
   p.set_defaults(fn=cmd_decode)
   args = parser.parse_args(argv)
   return args.fn(args)

@@ -140,8 +140,8 @@ class Policy:
     The LM head, this distribution (temperature, bans, truncation), the log-softmax, the
     gather and the entropy run on `chunk` positions at a time in a `lax.map` whose body is
     rematerialised (`jax.checkpoint`), so forward and backward hold at most one `[B, chunk, V]`
-    block of logits. The values are those of `token_log_probs(logits_fn(hidden), tokens)` and
-    the entropy of the same distributions (tested to 1e-6 in f32, gradients included).
+    block of logits. The values are those of `self.token_log_probs(logits_fn(hidden), tokens)`
+    and the entropy of the same distributions (tested to 1e-6 in f32, gradients included).
 
     Args:
       logits_fn: hidden [B, C, d] -> logits [B, C, V] float32 (e.g. `transformer.lm_logits`

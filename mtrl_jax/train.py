@@ -103,8 +103,8 @@ def build_model_config(section: Mapping[str, Any], vocab_size: int) -> tf.ModelC
   if preset == "hf":
     raise ValueError("config.model.checkpoint is not set (preset 'hf' loads a Hugging Face "
                      "checkpoint directory)")
-  try:  # `vocab_size` may be set larger than the environment's (e.g. a padded vocabulary)
-    return tf.model_config(preset, kwargs.pop("vocab_size", vocab_size), **kwargs)
+  try:  # a `vocab_size` override may be larger than the environment's (a padded vocabulary)
+    return tf.model_config(preset, vocab_size, **kwargs)
   except ValueError as e:  # ModelConfig names its field: say where it is in the config
     raise ConfigError(f"config.model: {e}".replace("config.model: ModelConfig.",
                                                    "config.model.")) from None

@@ -243,11 +243,11 @@ REAL_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def model_config(preset: str, vocab_size: int, **overrides) -> ModelConfig:
+def model_config(preset: str, vocab_size: int, /, **overrides) -> ModelConfig:
   """`ModelConfig` from a named preset, with field overrides (unknown fields are errors).
 
   `vocab_size` is the environment's vocabulary; a `REAL_SHAPES` preset keeps its own (larger)
-  one."""
+  one. An override `vocab_size=` wins over both."""
   if preset not in PRESETS and preset not in REAL_SHAPES:
     raise ValueError(f"unknown model preset {preset!r}; known presets: "
                      f"{sorted(PRESETS) + sorted(REAL_SHAPES)}")

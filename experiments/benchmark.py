@@ -35,6 +35,7 @@ attention over the whole static cache; `decode_ratio` is 16-filled over full, bl
 
     python -m experiments.benchmark memory [--model qwen2.5-0.5b ...] [--batch 64]
         [--max_len 2048] [--minibatches 4] [--extrapolate_from 2 4]
+        [--devices 8 --mesh data=1,fsdp=8,tensor=1]
     python -m experiments.benchmark compile [--model qwen2.5-0.5b] [--layers 2 8 24 28]
 
 `memory`: compiles (does not run) the real train step (quickstart algorithm: calculator, PPO
@@ -43,7 +44,9 @@ with the turn-level critic, rematerialised blocks) for a published model shape
 prints `compiled.memory_analysis()`: `peak_bytes_per_device`, `argument_bytes`, `temp_bytes`,
 `output_bytes`, `alias_bytes` (the donated state reused for the new one), `compile_s`. With
 `--extrapolate_from` it compiles at those depths and extrapolates linearly (blocks are scanned,
-so memory is affine in depth), saying so in `extrapolated_from`. `compile`: compile seconds and
+so memory is affine in depth), saying so in `extrapolated_from`. With `--devices N` (simulated
+CPU devices where there is no accelerator) and `--mesh`, the step is compiled partitioned on that
+mesh (`mtrl_jax.sharding`) and the figures are per device. `compile`: compile seconds and
 HLO instruction count of the same step at several depths.
 
 `train`: the quickstart's full jitted train step (rollout, scoring, PPO updates): sampled
@@ -405,14 +408,20 @@ def real_shape_config(model: str, batch: int, max_len: int, minibatches: int, *,
   return config
 
 
-def compile_train_step(config):
+def compile_train_step(config, mesh=None):
   """(trainer, compiled train step, compile seconds): `Trainer.train_step` lowered with
-  abstract `jax.ShapeDtypeStruct` state (no weights, nothing allocated), state donated."""
+  abstract `jax.ShapeDtypeStruct` state (no weights, nothing allocated), state donated; on
+  `mesh` (`mtrl_jax.sharding.make_mesh`) the mesh step (`sharding.MeshSteps`), whose
+  `memory_analysis()` is per device."""
   from mtrl_jax import train as train_lib
   trainer = train_lib.make_train(config)
   state = jax.eval_shape(lambda k: trainer.start_rl(trainer.init(k)), jax.random.key(0))
   t0 = time.perf_counter()
-  compiled = jax.jit(trainer.train_step, donate_argnums=0).lower(state).compile()
+  if mesh is None:
+    compiled = jax.jit(trainer.train_step, donate_argnums=0).lower(state).compile()
+  else:
+    from mtrl_jax import sharding
+    compiled = sharding.MeshSteps(trainer, mesh)._train_step.lower(state).compile()
   return trainer, compiled, time.perf_counter() - t0
 
 
@@ -430,8 +439,9 @@ def _memory_fields(compiled) -> dict:
 
 def bench_memory(model: str, batch: int, max_len: int, minibatches: int, *,
                  extrapolate_from: list[int] | None = None, kl_coef: float = 0.0,
-                 **model_fields) -> dict:
-  """Buffer sizes of the compiled real-shape train step (`compiled.memory_analysis()`).
+                 mesh=None, **model_fields) -> dict:
+  """Buffer sizes of the compiled real-shape train step (`compiled.memory_analysis()`), per
+  device: on `mesh`, the partitioned step (`mesh` field: the axis sizes).
 
   With `extrapolate_from` (e.g. [2, 4]) the step is compiled at those depths and every byte
   count is extrapolated linearly to the model's depth (the per-layer cost is the slope: blocks
@@ -439,16 +449,19 @@ def bench_memory(model: str, batch: int, max_len: int, minibatches: int, *,
   reasonable time or memory."""
   from mtrl_jax.models import transformer as tf
   depth = tf.REAL_SHAPES[model]["num_layers"]
-  base = {"bench": "memory", "model": model, "devices": 1, "batch": batch, "max_len": max_len,
-          "minibatches": minibatches, "layers": depth, "kl_coef": kl_coef, **model_fields}
+  devices = 1 if mesh is None else mesh.size
+  base = {"bench": "memory", "model": model, "devices": devices, "batch": batch,
+          "max_len": max_len, "minibatches": minibatches, "layers": depth, "kl_coef": kl_coef,
+          **({} if mesh is None else {"mesh": dict(mesh.shape)}), **model_fields}
+  compile_step = functools.partial(compile_train_step, mesh=mesh)
   if not extrapolate_from:
-    trainer, compiled, dt = compile_train_step(real_shape_config(
+    trainer, compiled, dt = compile_step(real_shape_config(
         model, batch, max_len, minibatches, kl_coef=kl_coef, **model_fields))
     return {**base, "params": trainer.model_config.num_params(), **_memory_fields(compiled),
             "compile_s": round(dt, 1), "device": _device()}
   points = []
   for layers in extrapolate_from:
-    trainer, compiled, dt = compile_train_step(real_shape_config(
+    trainer, compiled, dt = compile_step(real_shape_config(
         model, batch, max_len, minibatches, layers=layers, kl_coef=kl_coef, **model_fields))
     points.append((layers, _memory_fields(compiled), dt))
   (l0, m0, _), (l1, m1, _) = points[0], points[-1]
@@ -459,7 +472,24 @@ def bench_memory(model: str, batch: int, max_len: int, minibatches: int, *,
           "extrapolated_from": [p[0] for p in points], "device": _device()}
 
 
+def _bench_mesh(args):
+  """The `--devices` / `--mesh` mesh of `memory` (None: one device, no mesh)."""
+  if args.devices is None and args.mesh is None:
+    return None
+  from mtrl_jax import sharding
+  settings = sharding.parse_mesh(args.mesh) if args.mesh else {"data": -1}
+  devices = jax.devices()
+  n = args.devices or len(devices)
+  if n > len(devices):
+    sys.exit(f"error: --devices {n}, but {len(devices)} are visible")
+  try:
+    return sharding.make_mesh(**settings, devices=devices[:n], where="--mesh")
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+
+
 def cmd_memory(args) -> int:
+  mesh = _bench_mesh(args)
   fields = {}
   if args.param_dtype:
     fields["param_dtype"] = args.param_dtype
@@ -470,7 +500,7 @@ def cmd_memory(args) -> int:
   for model in args.model:
     print(json.dumps(bench_memory(model, args.batch, args.max_len, args.minibatches,
                                   extrapolate_from=args.extrapolate_from,
-                                  kl_coef=args.kl_coef, **fields)), flush=True)
+                                  kl_coef=args.kl_coef, mesh=mesh, **fields)), flush=True)
   return 0
 
 
@@ -602,6 +632,11 @@ def main(argv=None) -> int:
   p.add_argument("--logits_chunk", type=int, default=None)
   p.add_argument("--extrapolate_from", type=int, nargs="+", default=None,
                  help="compile at these depths and extrapolate to the model's (e.g. 2 4)")
+  p.add_argument("--devices", type=int, default=None,
+                 help="compile for a mesh of this many devices (on a CPU-only machine they "
+                      "are simulated: jax_num_cpu_devices)")
+  p.add_argument("--mesh", default=None,
+                 help="mesh axis sizes, e.g. data=1,fsdp=8,tensor=1 (default: all on data)")
   p.set_defaults(fn=cmd_memory)
   p = sub.add_parser("compile", help="compile time and HLO size of the train step vs depth")
   p.add_argument("--model", default="qwen2.5-0.5b", choices=shapes)
@@ -623,6 +658,8 @@ def main(argv=None) -> int:
                  help="override the vocabulary (a small one leaves the LM head's cost out)")
   p.set_defaults(fn=cmd_decode)
   args = parser.parse_args(argv)
+  if getattr(args, "devices", None):  # before JAX starts its backends: simulated CPU devices
+    jax.config.update("jax_num_cpu_devices", args.devices)
   return args.fn(args)
 
 

@@ -20,6 +20,14 @@ metrics are the mean over seeds, with per-seed values under `<key>/seed<i>`.
 
 `config.init_from=DIR` starts from the params of the latest checkpoint in another run's workdir
 (e.g. an SFT-only run of `python -m experiments.sft`), which are then also the KL reference.
+
+Devices: every step is jitted on a (data, fsdp, tensor) mesh (`mtrl_jax.sharding`) of all
+devices, by default all on `data` (`--mesh data=1,fsdp=8,tensor=1`, or a `config.mesh`
+section, chooses otherwise). Several hosts: start one process per host with
+`--coordinator=HOST:PORT --num_processes=N --process_id=I` (or MTRL_COORDINATOR /
+MTRL_NUM_PROCESSES / MTRL_PROCESS_ID, or a cluster JAX detects by itself: SLURM, Cloud TPU);
+each process computes its own devices' shards, all of them write the (sharded) checkpoints
+together, and process 0 alone writes metrics, samples and plots.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from absl import app, flags, logging
 from experiments import cli
 from mtrl_jax import checkpoint as ckpt_lib
 from mtrl_jax import metrics as metrics_lib
+from mtrl_jax import sharding
 from mtrl_jax import vocab as V
 from mtrl_jax.rl import collect as collect_lib
 
@@ -42,6 +51,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/
 _RESUME_INTACT = flags.DEFINE_bool(
     "resume_intact", False, "If the latest checkpoint is corrupt, resume from the newest intact "
     "one (the corrupt newer ones are moved to checkpoints.corrupt/, nothing is deleted).")
+_MESH = flags.DEFINE_string(
+    "mesh", None, "Device mesh, e.g. data=1,fsdp=8,tensor=1 (one size may be -1: the rest); "
+    "default config.mesh, else every device on data.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "Multi-host: the coordinator's HOST:PORT (process 0's host); with "
+    "--num_processes and --process_id (or MTRL_COORDINATOR, ...). See mtrl_jax.sharding.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(["config"])
 
 PLOT_KEYS = ("sft/loss", "train/success_rate", "eval/success_rate", "train/return",
@@ -49,9 +66,9 @@ PLOT_KEYS = ("sft/loss", "train/success_rate", "eval/success_rate", "train/retur
 
 
 def _host(metrics, num_seeds: int) -> dict[str, float]:
-  """Device metrics -> floats; with seeds, the mean plus `<key>/seed<i>`."""
+  """Device metrics (replicated) -> floats; with seeds, the mean plus `<key>/seed<i>`."""
   out = {}
-  for k, v in metrics.items():
+  for k, v in sharding.to_host(metrics).items():
     v = np.asarray(v, np.float64)
     out[k] = float(v.mean())
     if num_seeds > 1:
@@ -101,6 +118,11 @@ def resume(ckpt, template_for, step: int, workdir: str, resume_intact: bool):
 def main(argv, *, sft_only: bool = False):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  # Before anything touches a device: several processes form one set of devices.
+  try:
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   config = cli.CONFIG.value
   if sft_only:
     config.train.steps = 0
@@ -119,26 +141,31 @@ def main(argv, *, sft_only: bool = False):
   if isinstance(trainer.collect, collect_lib.ReflexionTrials):
     episodes = (f"{config.reflexion.train_trials} Reflexion trials x {episodes} (memory "
                 f"{config.reflexion.memory})")
-  print(f"env {config.env.name}: vocab {env.vocab.size}, max turns {env.max_turns}; model "
-        f"{config.model.preset}: {mc.num_params():,} params; {episodes}; {seeds} seed(s); "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}")
-  print(f"workdir {workdir}: {sft_steps} SFT steps, then {rl_steps} RL steps "
-        f"({config.algo.advantage})")
+  try:
+    settings = sharding.parse_mesh(_MESH.value) if _MESH.value else sharding.mesh_settings(config)
+    mesh = sharding.make_mesh(**settings, where="--mesh" if _MESH.value else "config.mesh")
+    # The state shardings, jitted steps with the state donated (its buffers are reused for the
+    # new state, so a step does not hold two copies of params and optimizer state).
+    steps = sharding.MeshSteps(trainer, mesh, vmap_seeds=seeds > 1,
+                               eval_key=jax.random.key(config.seed + 1))
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  lead = jax.process_index() == 0  # writes metrics, samples, plots and prints progress
+  if lead:
+    print(f"env {config.env.name}: vocab {env.vocab.size}, max turns {env.max_turns}; model "
+          f"{config.model.preset}: {mc.num_params():,} params; {episodes}; {seeds} seed(s); "
+          f"jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} "
+          f"device(s)" + (f" in {jax.process_count()} processes" if jax.process_count() > 1
+                          else "") + f", mesh {dict(mesh.shape)}")
+    print(f"workdir {workdir}: {sft_steps} SFT steps, then {rl_steps} RL steps "
+          f"({config.algo.advantage})")
 
-  vmap = (lambda f: jax.vmap(f)) if seeds > 1 else (lambda f: f)
-  init = jax.jit(vmap(trainer.init))
-  start_rl = jax.jit(vmap(trainer.start_rl))
-  # The train state is donated to every step: its buffers are reused for the new state, so a
-  # step does not hold two copies of params and optimizer state.
-  sft_step = jax.jit(vmap(lambda s: trainer.sft_step(s)), donate_argnums=0)
+  init, start_rl, sft_step, rl_step = steps.init, steps.start_rl, steps.sft_step, steps.train_step
+  evaluate = steps.evaluate
   if config.sft.dataset:  # SFT batches from a TFDS demonstration dataset instead
     batches = _dataset_batches(config, trainer)
-    # Every seed trains on the same batch: vmap over the state only.
-    sft_update = jax.jit(jax.vmap(trainer.sft_update, in_axes=(0, None, None))
-                         if seeds > 1 else trainer.sft_update, donate_argnums=0)
-    sft_step = lambda s: sft_update(s, *next(batches))
-  rl_step = jax.jit(vmap(lambda s: trainer.train_step(s)), donate_argnums=0)
-  evaluate = jax.jit(vmap(lambda p: trainer.evaluate(p, jax.random.key(config.seed + 1))))
+    # Every seed (and every process) trains on the same batch: vmap over the state only.
+    sft_step = lambda s: steps.sft_update(s, *map(steps.global_array, next(batches)))
   seed_keys = jax.random.split(jax.random.key(config.seed), seeds)
   seed_keys = seed_keys if seeds > 1 else seed_keys[0]
 
@@ -146,7 +173,11 @@ def main(argv, *, sft_only: bool = False):
   # stays loadable for evaluation after RL (`mtrl_jax.runs.load_run(workdir, step=sft_steps)`).
   ckpt = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
-                               keep_steps=(sft_steps,) if sft_steps else ())
+                               keep_steps=(sft_steps,) if sft_steps else (),
+                               # several processes: blocking saves (orbax's background thread
+                               # runs collectives of its own, which then interleave with the
+                               # next step's differently on different processes)
+                               async_save=jax.process_count() == 1)
   step = ckpt.latest_step() or 0
   if step:
     # The state switched to the RL optimizer at step == sft_steps.
@@ -157,15 +188,17 @@ def main(argv, *, sft_only: bool = False):
     state = cli.init_from_run(config.init_from, init, start_rl, seed_keys)
   else:
     state = init(seed_keys)
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=step if step else None)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=step if step else None) if lead else None
   bar = metrics_lib.ProgressBar(total, initial=step, keys=(
-      "sft/loss", "train/success_rate", "eval/success_rate", "train/kl"))
+      "sft/loss", "train/success_rate", "eval/success_rate", "train/kl")) if lead else None
   log_every = tc.log_every
   if config.sft.dataset:  # resume: skip the batches the earlier run consumed
     for _ in range(min(step, sft_steps)):
       next(batches)
 
   def log(step, metrics, force=False):
+    if not lead:
+      return
     if force or step % log_every == 0:
       writer.write(step, metrics)
     bar.update(step, metrics)
@@ -205,14 +238,21 @@ def main(argv, *, sft_only: bool = False):
       if step % tc.checkpoint_every == 0 or step in (sft_steps, total):
         ckpt.save(step, state, {"phase": phase, "config": config.to_dict()}, force=True)
   finally:
-    bar.close()
+    if lead:
+      bar.close()
     ckpt.wait()
-    writer.close()
+    if lead:
+      writer.close()
 
   # The end: rendered conversations of the final policy and the learning curves.
-  params = jax.tree.map(lambda x: x[0], state.params) if seeds > 1 else state.params
-  traj = jax.jit(trainer.eval_rollout)(params["policy"], jax.random.key(config.seed + 2),
-                                       trainer.env_params)
+  eval_rollout = sharding.jit_on_mesh(
+      lambda p: trainer.eval_rollout(jax.tree.map(lambda x: x[0], p) if seeds > 1 else p,
+                                     jax.random.key(config.seed + 2), trainer.env_params),
+      mesh, in_shardings=(steps.rl_state_shardings.params["policy"],),
+      out_shardings=sharding.replicated(mesh))
+  traj = sharding.to_host(eval_rollout(state.params["policy"]))
+  if not lead:
+    return
   samples = [V.render_trajectory(traj, env.vocab, row)
              for row in range(min(int(config.num_samples), traj.batch_size))]
   with open(os.path.join(workdir, "samples.txt"), "w") as f:

@@ -183,7 +183,11 @@ def fingerprints(tree: Any) -> dict[str, str]:
   devices), one device-to-host transfer for all of them.
   """
   flat = ocp.tree.to_flat_dict(tree, sep="/")
-  hashes = jax.device_get([_fingerprint_jit(_on_device(v)) for v in flat.values()])
+  hashes = [_fingerprint_jit(_on_device(v)) for v in flat.values()]
+  # A hash of an array sharded over several processes is replicated on all of them, and not
+  # fully addressable from any one: read this process's copy.
+  hashes = jax.device_get([h if h.is_fully_addressable else h.addressable_data(0)
+                           for h in hashes])
   return {k: f"{int(h[0]):08x}{int(h[1]):08x}" for k, h in zip(flat, hashes)}
 
 

@@ -27,6 +27,7 @@ from mtrl_jax.envs import base as envs_base
 from mtrl_jax.envs import demos as envs_demos
 from mtrl_jax.envs import registry
 from mtrl_jax.models import transformer as tf
+from mtrl_jax.models.partitioning import constrain_rows, local_rows
 from mtrl_jax.rl import collect as collect_lib
 from mtrl_jax.rl import estimators, losses, objective, scoring
 from mtrl_jax.rl.config import AlgoConfig, Checks, ConfigError, from_section, section_dict
@@ -134,7 +135,8 @@ def _rollout(env, model_config, rollout_config) -> rollout_lib.Rollout:
 class OptimConfig:
   """`config.optim`: the RL optimizer (AdamW with global-norm clipping, linear warm-up).
 
-  lr: peak learning rate (> 0); warmup: steps of linear warm-up from 0 (>= 0); b1, b2: Adam
+  lr: peak learning rate (> 0); warmup: steps of linear warm-up from 0 (>= 0; 0 = the full
+  rate from the first step); b1, b2: Adam
   moments' decay in [0, 1); grad_clip: global-norm clip (> 0); weight_decay: >= 0 (also used by
   the SFT optimizer, with `config.sft.lr`); moments_dtype: "float32" keeps Adam's moments in
   float32 whatever `model.param_dtype` is (`f32_moments`), "param" keeps them in the params'
@@ -270,15 +272,16 @@ class Trainer:
 
   Tokens are sampled from and scored under one `mtrl_jax.policy.Policy` (`self.policy`, the
   rollout's; the learner, the reference and SFT score with `self.policy.learner()`).
+
+  The functions are written for the global batch. On a device mesh (`mtrl_jax.sharding`) the
+  same functions are jitted with the state's shardings and traced under `jax.set_mesh`: the
+  rows of the episodes, of the scoring forward and of every minibatch are constrained to the
+  mesh's (data, fsdp) axes (`partitioning.constrain_rows`, a no-op off a mesh) and the layers'
+  activations by `models.partitioning`; XLA's SPMD partitioner inserts the collectives.
   """
 
-  def __init__(self, config, *, num_devices: int = 1, axis_name: str | None = None):
-    """`num_devices` > 1 with `axis_name`: each device runs `train_step` on its slice of the
-    episodes inside `jax.shard_map` (see `mtrl_jax.sharding`); reductions that define the
-    loss (token counts, advantage statistics, gradients, metrics) are summed over `axis_name`,
-    so the update equals the single-device one."""
+  def __init__(self, config):
     self.config = config
-    self.num_devices, self.axis_name = int(num_devices), axis_name
     _check_top_level(config)
     self.algo = AlgoConfig.from_section(config.algo)
     self.optim = from_section(OptimConfig, config.optim, "optim")
@@ -298,17 +301,9 @@ class Trainer:
     if rc.batch_size % algo.minibatches:
       raise ValueError(f"config.rollout batch ({rc.batch_size} episodes) is not "
                        f"divisible by config.algo.minibatches={algo.minibatches}")
-    if rc.num_envs % self.num_devices:
-      raise ValueError(f"config.rollout.num_envs={rc.num_envs} is not divisible by the "
-                       f"{self.num_devices} devices of the data axis")
-    local = rc.num_envs // self.num_devices
-    if (local * rc.group_size) % algo.minibatches:
-      raise ValueError(f"per-device batch {local * rc.group_size} is not divisible by "
-                       f"config.algo.minibatches={algo.minibatches}")
-    local_rc = dataclasses.replace(rc, num_envs=local)
-    self.rollout = _rollout(self.env, self.model_config, local_rc)
-    self.collect = collect_lib.make_collector(config, self.env, self.model_config, local_rc,
-                                              self.rollout, algo, num_devices=self.num_devices)
+    self.rollout = _rollout(self.env, self.model_config, rc)
+    self.collect = collect_lib.make_collector(config, self.env, self.model_config, rc,
+                                              self.rollout, algo)
     self.eval_rollout = _rollout(
         self.env, self.model_config,
         dataclasses.replace(rc, num_envs=self.train_config.eval_envs, group_size=1,
@@ -324,18 +319,15 @@ class Trainer:
     wrap = f32_moments if optim.moments_dtype == "float32" else (lambda opt: opt)
     self.sft_opt = wrap(optax.chain(optax.clip_by_global_norm(optim.grad_clip),
                                     optax.adamw(self.sft.lr, weight_decay=optim.weight_decay)))
-    schedule = optax.linear_schedule(0.0, optim.lr, max(1, optim.warmup))
+    # warmup = w > 0: lr 0 at RL step 0 rising to `lr` at step w; warmup = 0: `lr` from step 0
+    # (linear_schedule(0, lr, 1) would make the first step a no-op).
+    schedule = (optax.linear_schedule(0.0, optim.lr, optim.warmup) if optim.warmup
+                else optax.constant_schedule(optim.lr))
     self.rl_opt = wrap(optax.chain(optax.clip_by_global_norm(optim.grad_clip),
                                    optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
                                                weight_decay=optim.weight_decay)))
 
   # --- forward helpers -------------------------------------------------------------------------
-  def reduce(self, tree):
-    """Sum over the data axis when sharded (identity on one device)."""
-    if self.axis_name is None:
-      return tree
-    return jax.lax.psum(tree, self.axis_name)
-
   def _score_policy(self, policy_params, hidden, tokens):
     """Token log-probs and entropy [B, T] from the policy's final hidden states [B, T, d], in
     `model.logits_chunk` position chunks (no `[B, T, V]` logits; `Policy.score_hidden`)."""
@@ -359,21 +351,15 @@ class Trainer:
 
   def _by_minibatch(self, fn, tokens):
     """`fn(tokens [b, T]) -> pytree of [b, ...]` over the batch in `algo.minibatches` row
-    blocks (`lax.map`), so the scoring forward holds the activations of one minibatch."""
-    M, B = self.algo.minibatches, tokens.shape[0]
-    out = jax.lax.map(fn, tokens.reshape(M, B // M, *tokens.shape[1:]))
-    return jax.tree.map(lambda x: x.reshape(B, *x.shape[2:]), out)
+    blocks (`lax.map`), so the scoring forward holds the activations of one minibatch.
 
-  def _local_keys(self, key):
-    """Per-row (reset, sample) keys of this device's rows of the global batch."""
-    rc = self.rollout_config
-    reset_keys, sample_keys = rollout_lib.rollout_keys(key, rc.num_envs, rc.group_size)
-    if self.axis_name is not None:
-      n = reset_keys.shape[0] // self.num_devices
-      start = jax.lax.axis_index(self.axis_name) * n
-      reset_keys = jax.lax.dynamic_slice_in_dim(reset_keys, start, n)
-      sample_keys = jax.lax.dynamic_slice_in_dim(sample_keys, start, n)
-    return reset_keys, sample_keys
+    Block m holds rows m, m + M, m + 2M, ... (strided): with the rows split over a mesh's
+    devices in contiguous slices, every block then takes the same number of rows from every
+    device, and no row moves between devices."""
+    M, B = self.algo.minibatches, tokens.shape[0]
+    blocks = tokens.reshape(B // M, M, *tokens.shape[1:]).swapaxes(0, 1)
+    out = jax.lax.map(lambda t: fn(constrain_rows(t)), blocks)
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(B, *x.shape[2:]), out)
 
   # --- init / SFT --------------------------------------------------------------------------
   def init(self, key) -> TrainState:
@@ -423,18 +409,15 @@ class Trainer:
   # --- RL ------------------------------------------------------------------------------------
   def train_step(self, state: TrainState, key=None):
     """One RL step: collect -> score -> advantages -> update (see the module docstring)."""
-    algo, reduce = self.algo, self.reduce
+    algo, rc = self.algo, self.rollout_config
     rng, k_roll, k_perm = jax.random.split(state.rng if key is None else key, 3)
-    if self.axis_name is not None:  # each device permutes its own rows
-      k_perm = jax.random.fold_in(k_perm, jax.lax.axis_index(self.axis_name))
-    reset_keys, sample_keys = self._local_keys(k_roll)
+    reset_keys, sample_keys = constrain_rows(
+        rollout_lib.rollout_keys(k_roll, rc.num_envs, rc.group_size))
 
-    # 1. Collect episodes with the current policy.
-    collected = self.collect(state.params["policy"], reset_keys, sample_keys, self.env_params,
-                             reduce)
-    traj = collected.traj
+    # 1. Collect episodes with the current policy (rows stay on the device that sampled them).
+    collected = self.collect(state.params["policy"], reset_keys, sample_keys, self.env_params)
+    traj = constrain_rows(collected.traj)
     B, T = traj.tokens.shape
-    B_global = B * self.num_devices
 
     # 2. Score them with the rollout's params (old log-probs, values) and the reference, one
     #    minibatch of rows at a time.
@@ -453,10 +436,9 @@ class Trainer:
                                 group_size=self.rollout_config.group_size)
     adv = targets.adv
     if algo.normalize_adv and self.estimator.uses_critic:
-      adv = estimators.normalize(adv, mask, reduce)
+      adv = estimators.normalize(adv, mask)
     weights, frac_kept = estimators.group_weights(
-        scored.returns, self.rollout_config.group_size, dynamic_sampling=algo.dynamic_sampling,
-        reduce=reduce, global_rows=B_global if self.axis_name is not None else None)
+        scored.returns, rc.group_size, dynamic_sampling=algo.dynamic_sampling)
     tis = (losses.truncated_importance_weights(old_logp, traj.sampler_logprob, traj.loss_mask,
                                                algo.tis_cap)
            if algo.tis_cap else jnp.ones((B, T)))
@@ -468,14 +450,13 @@ class Trainer:
 
     # 4. Update: epochs x minibatches of the PPO/DAPO loss with global-batch denominators.
     M = algo.minibatches
-    denom = objective.Denominators(jnp.maximum(reduce(jnp.sum(mask)), 1) / M, B_global // M, T)
-    v_denom = objective.Denominators(jnp.maximum(reduce(jnp.sum(v_mask)), 1) / M,
-                                     B_global // M, T)
-    loss_fn = lambda p, mb: objective.ppo_loss(p, mb, forward=self._forward, algo=algo,
-                                               denom=denom, v_denom=v_denom)
+    denom = objective.Denominators(jnp.maximum(jnp.sum(mask), 1) / M, B // M, T)
+    v_denom = objective.Denominators(jnp.maximum(jnp.sum(v_mask), 1) / M, B // M, T)
+    loss_fn = lambda p, mb: objective.ppo_loss(p, constrain_rows(mb), forward=self._forward,
+                                               algo=algo, denom=denom, v_denom=v_denom)
     params, opt_state, skipped, update_metrics = ppo_update(
         state.params, state.opt_state, batch, k_perm, loss_fn=loss_fn, optimizer=self.rl_opt,
-        epochs=algo.epochs, minibatches=M, reduce=reduce)
+        epochs=algo.epochs, minibatches=M)
 
     metrics = self._step_metrics(traj, scored.returns, old_logp, frac_kept, skipped,
                                  update_metrics, collected.metrics)
@@ -485,10 +466,9 @@ class Trainer:
   def _step_metrics(self, traj, returns, old_logp, frac_kept, skipped, update_metrics,
                     extra) -> dict[str, jax.Array]:
     """`train/*` metrics over the global batch: the update's, the episodes', the collector's."""
-    reduce, B_global = self.reduce, traj.tokens.shape[0] * self.num_devices
     info = traj.info
-    n_sampled = jnp.maximum(reduce(jnp.sum(traj.loss_mask)), 1)
-    mean = lambda x: reduce(jnp.sum(x.astype(jnp.float32))) / B_global
+    n_sampled = jnp.maximum(jnp.sum(traj.loss_mask), 1)
+    mean = lambda x: jnp.mean(x.astype(jnp.float32))
     out = {f"train/{k}": v for k, v in update_metrics.items()}
     out.update({
         "train/return": mean(returns),
@@ -498,9 +478,9 @@ class Trainer:
         "train/turns": mean(jnp.sum(traj.turn_valid, axis=1)),
         "train/truncated": mean(traj.truncated),
         "train/sampled_tokens": n_sampled.astype(jnp.float32),
-        "train/logprob_agreement": reduce(jnp.sum(jnp.where(
-            traj.loss_mask, jnp.abs(old_logp - traj.sampler_logprob), 0.0))) / n_sampled,
-        "train/frac_groups_kept": reduce(frac_kept) / self.num_devices,
+        "train/logprob_agreement": jnp.sum(jnp.where(
+            traj.loss_mask, jnp.abs(old_logp - traj.sampler_logprob), 0.0)) / n_sampled,
+        "train/frac_groups_kept": frac_kept,
         "train/nan_skipped": skipped.astype(jnp.float32),
     })
     out.update(extra)
@@ -512,7 +492,10 @@ class Trainer:
     """Greedy rollouts of `train.eval_envs` episodes: success, return, tool calls, turns,
     truncation, and the mean of every other numeric `info` entry of the environment (e.g.
     clarify's `num_asks`, `first_turn_ask`) as `eval/<name>`."""
-    traj = self.eval_rollout(params["policy"], key, self.env_params)
+    rc = self.eval_rollout.config
+    reset_keys, sample_keys = rollout_lib.rollout_keys(key, rc.num_envs, rc.group_size)
+    rows = lambda p, r, s: self.eval_rollout.rows(p, r, s, self.env_params)
+    traj = local_rows(rows, (False, True, True))(params["policy"], reset_keys, sample_keys)
     info = traj.info
     mean = lambda x: jnp.mean(x.astype(jnp.float32))
     out = {f"eval/{k}": mean(v) for k, v in info.items()

@@ -227,11 +227,15 @@ def test_sharded_train_step_with_mr_equals_single_device():
   c = small_mr_config(2, num_envs=8)
   c.env.format_penalty = 0.1
   c.algo.update(minibatches=1, epochs=1)
+  c.optim.warmup = 0  # the first step must move the params (lr 0 at step 0 shows nothing)
   single = train_lib.make_train(c)
   state = jax.jit(single.start_rl)(single.init(jax.random.key(4)))
   ref_state, ref_m = jax.jit(single.train_step)(state)
   _, step = sharding.sharded_trainer(c, sharding.data_mesh(8))
   new_state, m = step(state)
   chex.assert_trees_all_close(new_state.params, ref_state.params, atol=2e-5)
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), ref_state.params,
+                       state.params)
+  assert max(jax.tree.leaves(moved)) > 1e-5
   for k in ("train/mr_mean", "train/return", "train/value_loss", "train/loss"):
     np.testing.assert_allclose(m[k], ref_m[k], rtol=1e-4, atol=1e-5, err_msg=k)

@@ -63,6 +63,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtrl_jax.models.partitioning import constrain
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _NEG_INF = -1e9  # finite: a query with no visible key gets a uniform (not NaN) softmax
 ROPE_TYPES = ("default", "llama3")
@@ -479,10 +481,16 @@ class Block(nn.Module):
     b, s, _ = x.shape
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
+    # Sharding annotations (no-ops off a mesh, `partitioning.constrain`): rows on (data, fsdp),
+    # heads and MLP columns on tensor; the residual stream is replicated along tensor.
+    rows = lambda a, *rest: constrain(a, "batch", *rest)
+    x = rows(x, None, None)
     y = RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype, name="attn_norm")(x)
-    q = dense(h * hd, "q_proj", cfg.qkv_bias)(y).reshape(b, s, h, hd)
-    k = dense(kv * hd, "k_proj", cfg.qkv_bias)(y).reshape(b, s, kv, hd)
-    v = dense(kv * hd, "v_proj", cfg.qkv_bias)(y).reshape(b, s, kv, hd)
+    q = rows(dense(h * hd, "q_proj", cfg.qkv_bias)(y).reshape(b, s, h, hd), None, "heads", None)
+    k = rows(dense(kv * hd, "k_proj", cfg.qkv_bias)(y).reshape(b, s, kv, hd), None, "kv_heads",
+             None)
+    v = rows(dense(kv * hd, "v_proj", cfg.qkv_bias)(y).reshape(b, s, kv, hd), None, "kv_heads",
+             None)
     if cfg.qk_norm:
       q = RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype, name="q_norm")(q)
       k = RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype, name="k_norm")(k)
@@ -510,9 +518,9 @@ class Block(nn.Module):
     x = x + dense(cfg.d_model, "o_proj")(attn)
 
     y = RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype, name="mlp_norm")(x)
-    gate = dense(cfg.mlp_dim, "gate_proj")(y)
-    up = dense(cfg.mlp_dim, "up_proj")(y)
-    x = x + dense(cfg.d_model, "down_proj")(nn.silu(gate) * up)
+    gate = rows(dense(cfg.mlp_dim, "gate_proj")(y), None, "mlp")
+    up = rows(dense(cfg.mlp_dim, "up_proj")(y), None, "mlp")
+    x = rows(x + dense(cfg.d_model, "down_proj")(nn.silu(gate) * up), None, None)
     return x, layer_cache
 
 
@@ -587,7 +595,11 @@ class Transformer(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype,
                      param_dtype=cfg.jnp_param_dtype,
                      embedding_init=nn.initializers.normal(stddev=0.02), name="embed")
-    x = embed(tokens)
+    # `embed(tokens)`, written out so that on a mesh the table is gathered over fsdp before the
+    # lookup (an FSDP weight gather) and the rows come out split like the tokens.
+    (table,) = embed.promote_dtype(constrain(embed.embedding, "vocab", None), dtype=embed.dtype,
+                                   inexact=False)
+    x = constrain(jnp.take(table, tokens, axis=0), "batch", None, None)
 
     new_cache = None
     if self.unrolled:

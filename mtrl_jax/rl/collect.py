@@ -4,7 +4,7 @@ The first stage of the train step (**collect** -> score -> advantages -> update)
 chosen once, when the trainer is built (`make_collector(config, ...)`), and the train step
 calls it without branching on which one it is:
 
-    collected = collect(policy_params, reset_keys [B], sample_keys [B], env_params, reduce)
+    collected = collect(policy_params, reset_keys [B], sample_keys [B], env_params)
     # collected.traj: the Trajectory batch to train on
     # collected.turn_reward: [B', K] per-turn reward override, or None
     # collected.metrics: extra `train/*` metrics of the strategy
@@ -24,8 +24,10 @@ calls it without branching on which one it is:
   (`advantage='turn_gae'`, required). Metric: `train/mr_mean`, the mean MR over valid turns.
   Cost: ~K*S extra rollouts per step.
 
-`reduce` sums over the data axis when sharded (identity on one device), for metrics over the
-global batch; `num_devices` is the size of that axis.
+The batch is the global one. On a device mesh (`mtrl_jax.sharding`) each strategy plays its
+episodes with `partitioning.local_rows`: every device rolls out its own rows (a `shard_map` over
+the mesh, the params gathered once on entry), and the metrics are computed afterwards from the
+global rows.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
 from mtrl_jax import reflexion as reflexion_lib
 from mtrl_jax import rollout as rollout_lib
+from mtrl_jax.models.partitioning import AXES, local_rows
 from mtrl_jax.rl.config import section_dict
 from mtrl_jax.types import Trajectory
 
@@ -60,8 +65,9 @@ class PlainRollout:
   def __init__(self, rollout: rollout_lib.Rollout):
     self.rollout = rollout
 
-  def __call__(self, params, reset_keys, sample_keys, env_params, reduce: Callable) -> Collected:
-    traj = self.rollout.rows(params, reset_keys, sample_keys, env_params)
+  def __call__(self, params, reset_keys, sample_keys, env_params) -> Collected:
+    rows = lambda p, r, s: self.rollout.rows(p, r, s, env_params)
+    traj = local_rows(rows, (False, True, True))(params, reset_keys, sample_keys)
     return Collected(traj=traj, turn_reward=None, metrics={})
 
 
@@ -70,16 +76,19 @@ class ReflexionTrials:
 
   `play` is `mtrl_jax.reflexion.make_reflexion(..., keep_trajectories=True)`."""
 
-  def __init__(self, play: Callable[..., reflexion_lib.ReflexionResult], num_devices: int = 1):
-    self.play, self.num_devices = play, int(num_devices)
+  def __init__(self, play: Callable[..., reflexion_lib.ReflexionResult]):
+    self.play = play
 
-  def __call__(self, params, reset_keys, sample_keys, env_params, reduce: Callable) -> Collected:
-    trials = self.play(params, reset_keys, sample_keys, env_params)
-    n_rows = self.num_devices * trials.success.shape[1]
+  def __call__(self, params, reset_keys, sample_keys, env_params) -> Collected:
+    play = lambda p, r, s: self.play(p, r, s, env_params)
+    # leaves [N trials, B rows, ...]: flattened below, over the global rows (trial-major)
+    trials = local_rows(play, (False, True, True), P(None, AXES))(params, reset_keys,
+                                                                  sample_keys)
+    n_rows = trials.success.shape[1]
     metrics = {
-        "train/success_first_trial": reduce(jnp.sum(trials.success[0])) / n_rows,
-        "train/success_last_trial": reduce(jnp.sum(trials.success[-1])) / n_rows,
-        "train/solved_any_trial": reduce(jnp.sum(trials.solved[-1])) / n_rows,
+        "train/success_first_trial": jnp.sum(trials.success[0]) / n_rows,
+        "train/success_last_trial": jnp.sum(trials.success[-1]) / n_rows,
+        "train/solved_any_trial": jnp.sum(trials.solved[-1]) / n_rows,
     }
     return Collected(traj=reflexion_lib.flatten_trials(trials.trajs), turn_reward=None,
                      metrics=metrics)
@@ -91,14 +100,19 @@ class MultiturnAwareReward:
   def __init__(self, rollout: rollout_lib.Rollout, *, window: int, samples: int):
     self.rollout, self.window, self.samples = rollout, int(window), int(samples)
 
-  def __call__(self, params, reset_keys, sample_keys, env_params, reduce: Callable) -> Collected:
-    traj = self.rollout.rows(params, reset_keys, sample_keys, env_params)
-    mr, _ = rollout_lib.multiturn_aware_reward(
-        self.rollout, params, traj, reset_keys, sample_keys, window=self.window,
-        samples=self.samples, env_params=env_params)
+  def __call__(self, params, reset_keys, sample_keys, env_params) -> Collected:
+
+    def play(p, r, s):
+      traj = self.rollout.rows(p, r, s, env_params)
+      mr, _ = rollout_lib.multiturn_aware_reward(
+          self.rollout, p, traj, r, s, window=self.window, samples=self.samples,
+          env_params=env_params)
+      return traj, mr
+
+    traj, mr = local_rows(play, (False, True, True))(params, reset_keys, sample_keys)
     mr = jax.lax.stop_gradient(mr)
-    metrics = {"train/mr_mean": (reduce(jnp.sum(jnp.where(traj.turn_valid, mr, 0.0)))
-                                 / jnp.maximum(reduce(jnp.sum(traj.turn_valid)), 1))}
+    metrics = {"train/mr_mean": (jnp.sum(jnp.where(traj.turn_valid, mr, 0.0))
+                                 / jnp.maximum(jnp.sum(traj.turn_valid), 1))}
     return Collected(traj=traj, turn_reward=mr, metrics=metrics)
 
 
@@ -127,15 +141,14 @@ def reflexion_settings(config) -> dict[str, Any] | None:
 
 
 def make_collector(config, env, model_config, rollout_config: rollout_lib.RolloutConfig,
-                   rollout: rollout_lib.Rollout, algo, *, num_devices: int = 1):
+                   rollout: rollout_lib.Rollout, algo):
   """The collection strategy `config` asks for (errors name the setting).
 
   Args:
     config: the whole config (`config.reflexion` is read).
     env, model_config: the environment and the policy's model.
-    rollout_config: this device's rollout settings; rollout: the rollout built from them.
+    rollout_config: the rollout settings; rollout: the rollout built from them.
     algo: the `AlgoConfig` (`mr_window`, `mr_samples`).
-    num_devices: size of the data axis.
   """
   meta = reflexion_settings(config)
   if meta:  # meta-training on multi-trial episodes with episodic memory (mtrl_jax.reflexion)
@@ -147,7 +160,7 @@ def make_collector(config, env, model_config, rollout_config: rollout_lib.Rollou
                                           keep_trajectories=True, **meta)
     except ValueError as e:
       raise ValueError(f"config.reflexion: {e}") from None
-    return ReflexionTrials(play, num_devices)
+    return ReflexionTrials(play)
   if algo.mr_window:
     return MultiturnAwareReward(rollout, window=algo.mr_window, samples=algo.mr_samples)
   return PlainRollout(rollout)

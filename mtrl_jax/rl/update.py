@@ -5,9 +5,11 @@ PureJaxRL's `_update_epoch` / `_update_minbatch`: every epoch permutes the rows 
 into `minibatches` equal minibatches; each minibatch takes one optimizer step on the loss
 function's gradient. Rows are permuted, never tokens, so sequence-level aggregations stay exact.
 
-Sharded, `reduce` is `lax.psum` over the data axis: loss, metrics and gradients are summed over
-the devices (each device's loss is its share of the global one, see `rl.objective`), so every
-device applies the same update; on one device `reduce` is the identity.
+The trainer calls it on the global batch, also on a device mesh (`mtrl_jax.sharding`: the SPMD
+partitioner inserts the collectives). `reduce` is for a caller that runs it per device inside its
+own `shard_map`: `lax.psum` over that axis sums loss, metrics and gradients (each device's loss
+its share of the global one, see `rl.objective`) so that every device applies the same update;
+the identity by default.
 
 A non-finite loss or gradient skips the step (params and optimizer state unchanged) and is
 counted; it never poisons the params.
@@ -40,8 +42,8 @@ def ppo_update(params, opt_state, batch, key: jax.Array, *,
     loss_fn: `loss_fn(params, minibatch) -> (loss [], metrics dict of [])`.
     optimizer: the optax transformation.
     epochs, minibatches: static counts (>= 1).
-    reduce: sum over the data axis when sharded (`lambda t: lax.psum(t, 'data')`), identity
-      otherwise.
+    reduce: sum over a `shard_map` axis when called per device (`lambda t: lax.psum(t,
+      'data')`), identity otherwise (the default).
 
   Returns:
     (params, opt_state, skipped [] int32: steps skipped as non-finite, metrics: each metric

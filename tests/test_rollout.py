@@ -283,7 +283,11 @@ def test_python_tool_path_equals_pure_jax_calculator(force_expert, noise):
   via_python = jax.jit(R.make_rollout(py_env, cfg, config))(params, jax.random.key(9), env_params)
   chex.assert_trees_all_equal(pure, via_python)
   if force_expert:
-    assert len(calls) >= 16, "the expert's calls went through Python"
+    # Every tool call of the episodes went through Python (rows stepped alongside a finished
+    # turn may add calls whose results are discarded, so this is a lower bound).
+    made = int(np.sum(pure.info["num_tool_calls"]))
+    assert made >= 8, "the noisy expert still calls the tool in most episodes"
+    assert len(calls) >= made, (len(calls), made)
 
 
 def test_python_tool_errors_become_replies():

@@ -8,26 +8,55 @@ pure function of its arguments:
 that plays `num_envs * group_size` episodes at once. Rows are laid out group-contiguously: rows
 `g*G .. g*G+G-1` share environment instance g (same reset key) and differ in sampling keys.
 
-How one call runs (all static shapes, one `lax.while_loop`, no host round trip):
+How one call runs (all static shapes, nested `lax.while_loop`s, no host round trip, no
+`lax.cond` around the KV cache):
 
 1. `env.reset` (vmapped) gives each row its prompt; one chunked prefill call writes the whole
    prompt into the KV cache and yields the logits of the first agent token (the LM head runs
    on each row's last prompt position only, not on every prompt position).
-2. Every loop iteration, every live row advances by exactly one token, in one one-token model
-   call for the whole batch:
-   * GEN: sample a token from the logits of the row's previous token (or take a forced one,
-     see below) and write it at the row's position (`loss_mask=True`);
-   * FEED: write the next token of the pending environment reply (`loss_mask=False`,
-     `turn=-1`);
-   * DONE: nothing (its writes go to an out-of-range position and are dropped).
-   Rows move independently: one row can be in its third turn while another is still reading
-   its first reply. Replies are short (`env.reply_len` <= ~16), so feeding them token by token
-   keeps a single model-call shape per iteration instead of a `lax.cond` between a decode and a
-   chunk call (a cond around the KV cache costs copies of it).
-3. A turn ends when the row emits `<eot>`. Then `env.step` runs for the rows whose turn ended
-   (`lax.cond` on any, over the environment's part of the carry only: iterations with no
-   finished turn do no environment work), its reward goes to `turn_reward[k]`, and its reply
-   becomes the row's pending FEED.
+2. The outer loop repeats, until every row is DONE:
+   a. *Decode* (inner `while_loop`): every iteration, every generating row (GEN) emits one
+      token, in one one-token model call for the whole batch: it samples from the logits of
+      its previous token (or takes a forced one, see below) and writes it at its position.
+      A row that emits `<eot>` stops (STEP) and waits. The loop hands over once at least
+      `config.feed_fraction` of the unfinished rows wait (default half), or none generates.
+   b. *Environment*: `env.step` (vmapped) for the rows whose turn ended, once for all of them
+      (`lax.cond` on any, over the environment's part of the carry only); its reward goes to
+      `turn_reward[k]`, its reply becomes the row's pending reply (FEED), or the row is DONE.
+   c. *Feed* (inner `while_loop`, as many trips as the longest pending reply needs): every
+      pending reply enters the cache `C = min(env.reply_len, config.feed_chunk)` tokens
+      per row per `[B, C]` model call (rows with nothing to feed write out of range: dropped),
+      and the LM head runs at each row's last fed token only. A row whose reply is all in
+      starts its next turn (GEN).
+   Rows move independently: a row waiting for its reply does not block the others until
+   enough rows wait. DONE rows write out of range (dropped).
+
+Why this shape (measured on 2 CPU cores, B=64, 4-layer hidden-256 Qwen2-style model, T=192;
+`python -m experiments.benchmark rollout` and README): a one-token step costs ~10 ms
+(157 us per row), a `[B, 16]` or `[B, 32]` chunk ~74 us per token-row, so reply tokens are
+about 2x cheaper fed in chunks (2.8x with the tiny model), and a 128-token tool output costs
+four `[B, 32]` calls instead of 128 loop iterations. Alternatives:
+* one token per iteration for every row, feeding included (the previous loop): a third of
+  the iterations of a 4-turn episode with 16-token replies only fed replies; the fused
+  rollout was 1.4x slower on the same benchmark;
+* every iteration a `[B, C]` call, C slots of which a generating row uses one and a feeding
+  row up to C: a `[B, 4]` call costs 2.4x a one-token call (4-layer model; 1.8x tiny), paid
+  on every generating iteration, which are most of them;
+* one loop with a `lax.cond` between the decode call and a chunk call: whether XLA copies the
+  cache through the cond depends on the program (a standalone test loop copied it on every
+  iteration; the rollout's did not), and the cond runs a feed call whenever any row waits;
+  nested loops are in place by construction (`tests/test_rollout.py` checks the compiled
+  rollout has no cache-sized copy beyond the initial zeros) and feed many rows per call.
+`feed_fraction` trades feed calls for waiting: 0 feeds as soon as one row waits (one
+`[B, C]` call per turn end), 1 waits for the slowest row of every turn (turn-synchronous).
+
+Sampling (`Policy.sample_uniform`): one uniform per row per token, drawn with
+`fold_in(token_key, position)`, and inverse-CDF sampling over the policy's distribution in
+two levels (block sums, then one block), with the exact log-prob `x[tok] - logsumexp(x)`:
+no `[B, V]` log-softmax and no V Gumbel draws per row (`jax.random.categorical`), which cost
+~0.57 ms of the tiny model's ~2 ms step at B=64 against ~0.05 ms now. Per token, two scatters
+(the token, and the log-prob of a sampled token); `loss_mask` and `turn` are derived once at
+the end from the turn boundaries and a `NOT_SAMPLED` sentinel in the log-prob array.
 
 Budgets (validated in `make_rollout`, errors name the setting):
 * `max_len` T: the whole row. A row that runs out of context is `truncated`.
@@ -54,18 +83,22 @@ loop, and for tests). Forced turns have `loss_mask=False`.
 Replay and continuation (`rows(..., forced_actions=, num_forced=, stop_after_turn=,
 continue_keys=)`): the first `num_forced[b]` agent turns of row b are fed from recorded tokens
 (`turn_actions(traj)`) instead of sampled, through the same path as expert forcing; with the
-recording's reset and sample keys the environment sees the same actions at the same loop
-iterations with the same step keys, so the conversation state is reproduced exactly, and the
-policy then samples the rest with `continue_keys`, optionally stopped after `stop_after_turn[b]`
-turns (truncated). `multiturn_aware_reward` builds CollabLLM's MR(k) on top of it.
+recording's reset and sample keys the environment sees the same actions with the same step
+keys (keyed by turn), so the conversation state is reproduced exactly, and the policy then
+samples the rest with `continue_keys`, optionally stopped after `stop_after_turn[b]` turns
+(truncated). `multiturn_aware_reward` builds CollabLLM's MR(k) on top of it.
 
 Real tokenizers: `env.vocab` is any `vocab.TokenizerAdapter` with `eot_id`, `size`, symbol
 lookups (`in`, `id`) and optionally `never_sampled_ids()`; `mtrl_jax.models.chat.ChatTokenizer`
 is the Hugging Face one (ids of a real tokenizer, turn ended by `<|im_end|>` / `<|eot_id|>`).
 Rows are padded with id 0 whatever the tokenizer.
 
-Determinism: every row carries its own PRNG key, so a row's episode depends only on its key,
-not on the batch size, the layout or the number of devices.
+Determinism: every row carries its own PRNG key, split once into a token key (token t is
+drawn with `fold_in(token_key, t)`), an environment key (turn k's step gets
+`fold_in(env_key, k)`) and an expert key (`fold_in(expert_key, k)`). Keys depend on positions
+and turns, never on loop iterations, so a row's episode depends only on its key: not on the
+batch size, the layout, the number of devices, or when its replies were fed (tested under
+every `feed_fraction` and chunk size).
 """
 
 from __future__ import annotations

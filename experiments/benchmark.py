@@ -53,9 +53,10 @@ prints `compiled.memory_analysis()`: `peak_bytes_per_device`, `argument_bytes`, 
 so memory is affine in depth), saying so in `extrapolated_from`. `compile`: compile seconds and
 HLO instruction count of the same step at several depths.
 
-`train`: the quickstart's full jitted train step (rollout, scoring, PPO updates): sampled
-tokens/s and approximate model FLOP/s as a fraction of a measured f32 matmul peak, for each
-model preset; then the tiny model vmapped over several seeds (compare `step_s` with 1 seed).
+`train`: the quickstart's full jitted train step (rollout, scoring, PPO updates): RL
+episodes/s, sampled tokens/s and approximate model FLOP/s as a fraction of a measured f32
+matmul peak, for each model preset and each `--num-envs` (episodes/s vs batch size); then the
+tiny model vmapped over several seeds (compare `step_s` with 1 seed; `--seeds` alone skips it).
 """
 
 from __future__ import annotations

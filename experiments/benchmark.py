@@ -18,12 +18,19 @@ clock. Two numbers per environment:
 * `loop_steps_per_s`: the expert picks every action (`env.expert` + `env.step` + auto-reset):
   a full scripted-rollout step.
 
-    python -m experiments.benchmark train [--model tiny small] [--num-envs 32] [--seeds 8]
+    python -m experiments.benchmark train [--model tiny small] [--num-envs 32 64 256]
+        [--seeds 8]
 
 `rollout`: tokens/s and episodes/s of the fused rollout (`mtrl_jax.rollout`, one jitted call,
-compile excluded) and of a host-loop baseline built from the same pieces the way host-side
-frameworks run multi-turn rollouts (a jitted decode step per token called from Python, the
-environment stepped per row per turn in Python); `speedup` is their ratio. Then
+compile excluded, best of `--repeats`) and of baselines built from the same pieces (model,
+sampler, budgets, environment): `per_token`, the way host-side frameworks run multi-turn
+rollouts (a jitted decode step per token called from Python, the environment stepped per row
+per turn in Python), and `per_turn`, the way JAX frameworks run multi-turn sampling (per turn,
+one jitted prefill of the whole history so far and a jitted `while_loop` decode, the
+environment stepped on the host between turns); `speedup_vs_<baseline>` is fused tokens/s over
+the baseline's. `--env reply` has fixed shapes (32-token prompt, 4 turns of up to 24 tokens,
+`--reply-len` tool replies); `--model qwen2-4l` is a 4-layer, hidden-256, 4-head, 2-kv-head,
+vocabulary-512 Qwen2-style decoder. Then
 `decode` rows: the time of one one-token decode call vs the cache size (`max_len`) and the
 filled length (`filled`).
 
@@ -49,9 +56,10 @@ CPU devices where there is no accelerator) and `--mesh`, the step is compiled pa
 mesh (`mtrl_jax.sharding`) and the figures are per device. `compile`: compile seconds and
 HLO instruction count of the same step at several depths.
 
-`train`: the quickstart's full jitted train step (rollout, scoring, PPO updates): sampled
-tokens/s and approximate model FLOP/s as a fraction of a measured f32 matmul peak, for each
-model preset; then the tiny model vmapped over several seeds (compare `step_s` with 1 seed).
+`train`: the quickstart's full jitted train step (rollout, scoring, PPO updates): RL
+episodes/s, sampled tokens/s and approximate model FLOP/s as a fraction of a measured f32
+matmul peak, for each model preset and each `--num-envs` (episodes/s vs batch size); then the
+tiny model vmapped over several seeds (compare `step_s` with 1 seed; `--seeds` alone skips it).
 """
 
 from __future__ import annotations
@@ -163,15 +171,83 @@ def bench_env(name: str, batch: int, steps: int, seed: int = 0) -> dict:
 
 # --- rollout ---------------------------------------------------------------------------------
 
-def _host_loop_rollout(env, model_config, rc, params, key, env_params):
-  """The baseline: how host-side frameworks run multi-turn rollouts, from the same pieces.
+# Benchmark-only model shapes (not presets of the package): a Qwen2-style decoder of the size
+# the issue-21 comparison used.
+BENCH_MODELS = {
+    "qwen2-4l": dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=1024,
+                     qkv_bias=True, vocab_size=512),
+}
 
-  A jitted one-token decode step (model + sampling) is called from Python for every token and
-  its result copied to the host; per-row bookkeeping is numpy; when a row's turn ends, the
-  environment is stepped for that row alone (a jitted single-episode `env.step`), and the
-  replies of all rows that need one are fed to the model in one jitted chunk call. Budgets and
-  forcing rules are the fused rollout's (minus thinking budgets), so both produce episodes of
-  the same kind; only where the loop runs differs.
+
+def bench_model_config(preset: str, vocab_size: int):
+  from mtrl_jax.models import transformer as tf
+  if preset in BENCH_MODELS:
+    fields = dict(BENCH_MODELS[preset])
+    return tf.ModelConfig(**{**fields, "vocab_size": max(fields["vocab_size"], vocab_size)})
+  return tf.model_config(preset, vocab_size)
+
+
+def reply_env(prompt_tokens: int = 32, reply_tokens: int = 16, turns: int = 4):
+  """An environment of fixed shapes for rollout benchmarks (`--env reply`).
+
+  A prompt of `prompt_tokens` tokens, `turns` agent turns, each answered by a tool reply of
+  exactly `reply_tokens` tokens (random digits), no reward; the episode is truncated at the
+  turn limit. 400 filler symbols make a random policy's `<eot>` rare, so turns use most of
+  their budget (the shape of the issue-21 comparison: 4 turns of 24 tokens)."""
+  from mtrl_jax import vocab as V
+  from mtrl_jax.envs import base as eb
+
+  class _ReplyEnv(eb.Environment):
+    name = "reply"
+
+    def symbols(self):
+      return list(V.DIGITS) + [f"w{i}" for i in range(400)]
+
+    @property
+    def default_params(self):
+      return eb.EnvParams()
+
+    prompt_len = property(lambda self: prompt_tokens)
+    reply_len = property(lambda self: reply_tokens)
+    action_len = property(lambda self: 2)
+    max_turns = property(lambda self: turns)
+
+    def _digits(self, key, n):
+      digits = jnp.asarray([self.id(d) for d in V.DIGITS], jnp.int32)
+      return digits[jax.random.randint(key, (n,), 0, 10)]
+
+    def reset_env(self, key, params):
+      n = prompt_tokens - 4
+      state = eb.EnvState(**eb.initial_counters())
+      return state, self.make_prompt(self._digits(key, n), jnp.int32(n))
+
+    def step_env(self, key, state, action, params):
+      n = reply_tokens - 3
+      reply = self.make_reply(eb.ROLE_TOOL, self._digits(key, n), jnp.int32(n))
+      return state, reply, jnp.float32(0.0), jnp.bool_(False)
+
+    def expert(self, key, state, params):
+      return eb.Action(jnp.asarray([self.id("0"), self.vocab.eot_id], jnp.int32), jnp.int32(2))
+
+  return _ReplyEnv()
+
+
+def _make_env(env_name: str, reply_len: int):
+  if env_name == "reply":
+    env = reply_env(reply_tokens=reply_len)
+    return env, env.default_params
+  return registry.make(env_name)
+
+
+def _host_loop_rollout(env, model_config, rc, params, key, env_params):
+  """The per-token baseline: how host-side frameworks run multi-turn rollouts.
+
+  A jitted one-token decode step (model + the rollout's sampler) is called from Python for
+  every token and its result copied to the host; per-row bookkeeping is numpy; when a row's
+  turn ends, the environment is stepped for that row alone (a jitted single-episode
+  `env.step`), and the replies of all rows that need one are fed to the model in one jitted
+  chunk call. Budgets and forcing rules are the fused rollout's (minus thinking budgets), so
+  both produce episodes of the same kind; only where the loop runs differs.
   """
   import numpy as np
 
@@ -182,9 +258,8 @@ def _host_loop_rollout(env, model_config, rc, params, key, env_params):
   B, T, A = rc.batch_size, rc.max_len, rc.turn_budget
   K = env.max_turns if rc.max_turns is None else rc.max_turns
   eot = env.vocab.eot_id
-  banned = jnp.asarray(policy_lib.never_sampled_mask(env.vocab, model_config.vocab_size))
   cfg = dataclasses.replace(model_config, value_head=False)
-  fns = _host_loop_fns(env, cfg, banned, rc.temperature)
+  fns = _host_loop_fns(env, cfg, rc.temperature)
   reset_keys, sample_keys = R.rollout_keys(key, rc.num_envs, rc.group_size)
   state, prompt = fns["reset"](reset_keys, env_params)
   states = [jax.tree.map(lambda x: x[b], state) for b in range(B)]
@@ -198,10 +273,10 @@ def _host_loop_rollout(env, model_config, rc, params, key, env_params):
   turn_start = pos.copy()
   turns = np.zeros(B, np.int32)
   active = np.ones(B, bool)
-  key = sample_keys[0]
   while active.any():
-    key, k = jax.random.split(key)
-    tok, cache, last_logits = fns["decode"](params, last_logits, jnp.asarray(np.where(active, pos, T)), cache, k)
+    tok, cache, last_logits = fns["decode"](params, last_logits,
+                                            jnp.asarray(np.where(active, pos, T)), cache,
+                                            sample_keys)
     tok = np.asarray(tok)
     ended = []
     for b in np.nonzero(active)[0]:
@@ -243,12 +318,16 @@ def _host_loop_rollout(env, model_config, rc, params, key, env_params):
 _HOST_FNS = {}
 
 
-def _host_loop_fns(env, cfg, banned, temperature):
-  from mtrl_jax import rollout as R
+def _policy_for(env, cfg, temperature):
+  return policy_lib.Policy.for_vocab(env.vocab, cfg.vocab_size, temperature=temperature)
+
+
+def _host_loop_fns(env, cfg, temperature):
   from mtrl_jax.models import transformer as tf
   key = (id(env), cfg, temperature)
   if key in _HOST_FNS:
     return _HOST_FNS[key]
+  policy = _policy_for(env, cfg, temperature)
 
   @jax.jit
   def feed(params, tokens, pos, cache):
@@ -257,9 +336,10 @@ def _host_loop_fns(env, cfg, banned, temperature):
     return logits[jnp.arange(tokens.shape[0]), jnp.maximum(n - 1, 0)], cache
 
   @jax.jit
-  def decode(params, last_logits, pos, cache, key):
-    logp = policy_lib.sampling_log_probs(last_logits, banned, temperature=temperature)
-    tok = jax.random.categorical(key, logp).astype(jnp.int32)
+  def decode(params, last_logits, pos, cache, keys):
+    # The fused rollout's sampler: one uniform per row from fold_in(row key, position).
+    u = jax.vmap(lambda k, p: jax.random.uniform(jax.random.fold_in(k, p)))(keys, pos)
+    tok, _ = policy.sample_uniform(u, last_logits)
     logits, _, cache = tf.apply(cfg, params, tok[:, None], pos[:, None], cache=cache)
     return tok, cache, logits[:, 0]
 
@@ -269,51 +349,178 @@ def _host_loop_fns(env, cfg, banned, temperature):
   return fns
 
 
-def bench_rollout(env_name: str, preset: str, batch: int, repeats: int, host_loop: bool,
-                  seed: int = 0) -> dict:
+_PER_TURN_FNS = {}
+
+
+def _per_turn_fns(env, cfg, rc):
+  """Jitted pieces of the per-turn baseline (cached per environment, model and budgets)."""
+  from mtrl_jax.models import transformer as tf
+  key = (id(env), cfg, rc)
+  if key in _PER_TURN_FNS:
+    return _PER_TURN_FNS[key]
+  policy = _policy_for(env, cfg, rc.temperature)
+  A, eot = rc.turn_budget, env.vocab.eot_id
+
+  @jax.jit
+  def generate(params, hist, hist_len, active, keys):
+    """One sampler call: prefill the whole history [B, L], then a while_loop decode of one
+    turn (until every active row emitted <eot> or used its budget). Returns tokens [B, A],
+    turn lengths [B]."""
+    B, L = hist.shape
+    S = L + A
+    cache = tf.init_cache(cfg, B, S)
+    pos = jnp.where(jnp.arange(L) < hist_len[:, None], jnp.arange(L), S)
+    hidden, _, cache = tf.apply(cfg, params, hist, pos, cache=cache, return_hidden=True)
+    logits = tf.lm_logits(cfg, params, hidden[jnp.arange(B), jnp.maximum(hist_len - 1, 0)])
+
+    def cond(c):
+      return jnp.any(c[4]) & (c[0] < A)
+
+    def body(c):
+      i, cache, logits, out, live = c
+      p = hist_len + i
+      u = jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t)))(keys, p)
+      tok, _ = policy.sample_uniform(u, logits)
+      tok = jnp.where(i >= A - 1, eot, tok)
+      out = out.at[:, i].set(jnp.where(live, tok, 0))
+      lg, _, cache = tf.apply(cfg, params, tok[:, None], jnp.where(live, p, S)[:, None],
+                              cache=cache)
+      return i + 1, cache, lg[:, 0], out, live & (tok != eot)
+
+    c = (jnp.int32(0), cache, logits, jnp.zeros((B, A), jnp.int32), active)
+    _, _, _, out, _ = jax.lax.while_loop(cond, body, c)
+    n = jnp.where(active, jnp.minimum(jnp.argmax(out == eot, axis=1) + 1, A), 0)
+    return out, n
+
+  step = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))
+  reset = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))
+  _PER_TURN_FNS[key] = fns = dict(generate=generate, step=step, reset=reset)
+  return fns
+
+
+def _per_turn_rollout(env, model_config, rc, params, key, env_params, bucket: int = 32):
+  """The per-turn baseline: how JAX frameworks run multi-turn sampling today.
+
+  Every agent turn is one sampler call on the whole history so far: a jitted prefill of the
+  history (right-padded to a multiple of `bucket` tokens, so a handful of shapes compile),
+  then a jitted `while_loop` that decodes the turn with a KV cache. Between turns the history
+  goes to the host, the environment is stepped there (one jitted vmapped `env.step` for the
+  batch) and its replies are appended; the next call re-prefills everything. Same model,
+  sampler, budgets and environment as the fused rollout. Returns the tokens produced.
+  """
+  import numpy as np
+
+  from mtrl_jax import rollout as R
+  from mtrl_jax.envs.base import Action
+
+  B, T, A = rc.batch_size, rc.max_len, rc.turn_budget
+  K = env.max_turns if rc.max_turns is None else rc.max_turns
+  cfg = dataclasses.replace(model_config, value_head=False)
+  fns = _per_turn_fns(env, cfg, rc)
+  reset_keys, sample_keys = R.rollout_keys(key, rc.num_envs, rc.group_size)
+  state, prompt = fns["reset"](reset_keys, env_params)
+  hist = np.zeros((B, T), np.int32)
+  hist[:, :prompt.tokens.shape[1]] = np.asarray(prompt.tokens)
+  length = np.asarray(prompt.length).astype(np.int32)
+  active = np.ones(B, bool)
+  for k in range(K):
+    if not active.any():
+      break
+    L = min(-(-int(length.max()) // bucket) * bucket, T)
+    out, n = fns["generate"](params, jnp.asarray(hist[:, :L]), jnp.asarray(length),
+                             jnp.asarray(active), sample_keys)
+    out, n = np.asarray(out), np.asarray(n)
+    n = np.minimum(n, T - length)  # the context ends the turn
+    action = Action(jnp.asarray(np.where(np.arange(A) < n[:, None], out, 0)), jnp.asarray(n))
+    new_state, obs, _, done, _ = fns["step"](jax.random.split(jax.random.fold_in(key, k), B),
+                                             state, action, env_params)
+    state = jax.tree.map(lambda a, b: jnp.where(
+        jnp.asarray(active).reshape((B,) + (1,) * (a.ndim - 1)), a, b), new_state, state)
+    obs_tokens, obs_len, done = (np.asarray(obs.tokens), np.asarray(obs.length),
+                                 np.asarray(done))
+    for b in np.nonzero(active)[0]:
+      hist[b, length[b]:length[b] + n[b]] = out[b, :n[b]]
+      length[b] += n[b]
+      m = int(obs_len[b])
+      if done[b] or k + 1 >= K or length[b] + m >= T:
+        active[b] = False
+        continue
+      hist[b, length[b]:length[b] + m] = obs_tokens[b, :m]
+      length[b] += m
+  return int(length.sum())
+
+
+def bench_rollout(env_name: str, preset: str, batch: int, repeats: int, baselines=("per_token",),
+                  reply_len: int = 16, seed: int = 0, **rollout_fields) -> dict:
   from mtrl_jax import rollout as R
   from mtrl_jax import vocab as V
   from mtrl_jax.models import transformer as tf
 
-  env, env_params = registry.make(env_name)
-  cfg = tf.model_config(preset, env.vocab.size)
+  env, env_params = _make_env(env_name, reply_len)
+  cfg = bench_model_config(preset, env.vocab.size)
   params = tf.init_params(cfg, jax.random.key(seed))
-  rc = R.RolloutConfig(num_envs=batch, group_size=1, max_len=160, turn_budget=24)
+  A = 24
+  max_len = 160 if env_name != "reply" else env.prompt_len + env.max_turns * (A + env.reply_len)
+  rc = R.RolloutConfig(num_envs=batch, group_size=1, max_len=max_len, turn_budget=A,
+                       **rollout_fields)
   fused = jax.jit(R.make_rollout(env, cfg, rc))
   key = jax.random.key(seed + 1)
   t0 = time.perf_counter()
-  traj = jax.block_until_ready(fused(params, key, env_params))
+  jax.block_until_ready(fused(params, key, env_params))
   compile_s = time.perf_counter() - t0
-  times, tokens = [], 0
+
+  def run_fused(k):
+    traj = jax.block_until_ready(fused(params, k, env_params))
+    return int((traj.tokens != V.PAD_ID).sum())
+
+  runners = {"fused": run_fused}
+  labels = {"per_token": ("host", _host_loop_rollout), "per_turn": ("per_turn", _per_turn_rollout)}
+  for name in baselines:
+    fn = labels[name][1]
+    runners[name] = functools.partial(fn, env, cfg, rc, params, env_params=env_params)
+    runners[name](key=key)  # compile its pieces
+  # Repeats interleave the methods (the machine is shared: a burst of load hits all of them),
+  # and each method's fastest repeat is reported.
+  best = {}
   for i in range(repeats):
-    t0 = time.perf_counter()
-    traj = jax.block_until_ready(fused(params, jax.random.fold_in(key, i), env_params))
-    times.append(time.perf_counter() - t0)
-    tokens += int((traj.tokens != V.PAD_ID).sum())
-  fused_s = sum(times)
+    for name, fn in runners.items():
+      t0 = time.perf_counter()
+      n_tok = fn(key=jax.random.fold_in(key, i)) if name != "fused" else fn(
+          jax.random.fold_in(key, i))
+      best[name] = min(best.get(name, (float("inf"), 0)), (time.perf_counter() - t0, n_tok))
+  fused_s, tokens = best["fused"]
   out = {"bench": "rollout", "env": env_name, "model": preset, "params": cfg.num_params(),
-         "batch": batch, "max_len": rc.max_len, "compile_s": round(compile_s, 2),
+         "batch": batch, "max_len": rc.max_len, "reply_len": env.reply_len,
+         "feed_fraction": getattr(rc, "feed_fraction", None),
+         "feed_chunk": getattr(rc, "feed_chunk", None),
+         "compile_s": round(compile_s, 2),
          "fused_tokens_per_s": round(tokens / fused_s, 1),
-         "fused_episodes_per_s": round(batch * repeats / fused_s, 2)}
-  if host_loop:
-    _host_loop_rollout(env, cfg, rc, params, key, env_params)  # compile its pieces
-    t0 = time.perf_counter()
-    host_tokens = sum(_host_loop_rollout(env, cfg, rc, params, jax.random.fold_in(key, i),
-                                         env_params) for i in range(repeats))
-    host_s = time.perf_counter() - t0
-    out.update(host_tokens_per_s=round(host_tokens / host_s, 1),
-               host_episodes_per_s=round(batch * repeats / host_s, 2),
-               speedup=round((tokens / fused_s) / (host_tokens / host_s), 2))
+         "fused_episodes_per_s": round(batch / fused_s, 2), "repeats": repeats}
+  for name in baselines:
+    label = labels[name][0]
+    dt, n_tokens = best[name]
+    out.update({f"{label}_tokens_per_s": round(n_tokens / dt, 1),
+                f"{label}_episodes_per_s": round(batch / dt, 2),
+                f"speedup_vs_{name}": round((tokens / fused_s) / (n_tokens / dt), 2)})
   out["device"] = _device()
   return out
 
 
 def cmd_rollout(args) -> int:
+  baselines = [b for b in args.baseline if b != "none"]
+  if args.no_host_loop:
+    baselines = [b for b in baselines if b != "per_token"]
+  fields = {}
+  if args.feed_fraction is not None:
+    fields["feed_fraction"] = args.feed_fraction
+  if args.feed_chunk is not None:
+    fields["feed_chunk"] = args.feed_chunk
   for env_name in args.env or ["calculator", "search", "fix", "retrieval"]:
     for preset in args.model:
-      for batch in args.batch:
-        print(json.dumps(bench_rollout(env_name, preset, batch, args.repeats,
-                                       host_loop=not args.no_host_loop)), flush=True)
+      for reply_len in (args.reply_len if env_name == "reply" else [None]):
+        for batch in args.batch:
+          print(json.dumps(bench_rollout(env_name, preset, batch, args.repeats, baselines,
+                                         reply_len=reply_len, **fields)), flush=True)
   if not args.no_context_sweep:
     for max_len in (128, 256, 512, 1024):
       for filled in sorted({16, max_len // 2, max_len - 1}):
@@ -372,6 +579,7 @@ def bench_train(preset: str, num_envs: int, repeats: int, seeds: int, peak: floa
   flops = seeds * (2 * P * decode_slots + 2 * P * B * T + 6 * P * B * T * config.algo.epochs)
   return {"bench": "train", "model": preset, "params": P, "batch": B, "max_len": T,
           "seeds": seeds, "compile_s": round(compile_s, 1), "step_s": round(dt, 3),
+          "episodes_per_s": round(seeds * B / dt, 1),
           "sampled_tokens_per_s": round(tokens / repeats / dt, 1),
           "approx_flops_per_s": round(flops / dt / 1e9, 2) * 1e9,
           "matmul_peak_flops_per_s": round(peak / 1e9, 2) * 1e9,
@@ -383,9 +591,11 @@ def cmd_train(args) -> int:
   print(json.dumps({"bench": "matmul_peak", "flops_per_s": round(peak / 1e9, 2) * 1e9,
                     "device": _device()}), flush=True)
   for preset in args.model:
-    print(json.dumps(bench_train(preset, args.num_envs, args.repeats, 1, peak)), flush=True)
+    for num_envs in args.num_envs:
+      print(json.dumps(bench_train(preset, num_envs, args.repeats, 1, peak)), flush=True)
   for seeds in args.seeds:
-    print(json.dumps(bench_train("tiny", args.num_envs, args.repeats, seeds, peak)), flush=True)
+    print(json.dumps(bench_train("tiny", args.num_envs[0], args.repeats, seeds, peak)),
+          flush=True)
   return 0
 
 
@@ -602,20 +812,34 @@ def main(argv=None) -> int:
   p.set_defaults(fn=cmd_envs)
   p = sub.add_parser("rollout", help="fused rollout vs a host-loop baseline; decode step vs "
                                      "context length")
-  p.add_argument("--env", action="append", choices=registry.list_envs(),
-                 help="environment (repeatable; default calculator, search, fix, retrieval)")
-  p.add_argument("--model", nargs="+", default=["tiny", "small"], help="model presets")
+  p.add_argument("--env", action="append", choices=registry.list_envs() + ["reply"],
+                 help="environment (repeatable; default calculator, search, fix, retrieval); "
+                      "'reply': fixed shapes, 32-token prompt, 4 turns, --reply-len replies")
+  p.add_argument("--model", nargs="+", default=["tiny", "small"],
+                 help="model presets, or qwen2-4l (4 layers, hidden 256, vocab 512)")
+  p.add_argument("--reply-len", type=int, nargs="+", default=[16, 128],
+                 help="reply tokens of the 'reply' environment")
+  p.add_argument("--baseline", nargs="+", default=["per_token", "per_turn"],
+                 choices=["per_token", "per_turn", "none"],
+                 help="per_token: jitted decode step per token from Python; per_turn: jitted "
+                      "prefill of the whole history + jitted while_loop decode per turn")
+  p.add_argument("--feed_fraction", type=float, default=None,
+                 help="override RolloutConfig.feed_fraction")
+  p.add_argument("--feed_chunk", type=int, default=None, help="override RolloutConfig.feed_chunk")
   p.add_argument("--batch", type=int, nargs="+", default=[8, 64, 256])
   p.add_argument("--repeats", type=int, default=3, help="timed rollouts per setting")
-  p.add_argument("--no-host-loop", action="store_true", help="skip the host-loop baseline")
+  p.add_argument("--no-host-loop", action="store_true",
+                 help="skip the per-token host-loop baseline")
   p.add_argument("--no-context-sweep", action="store_true", help="skip the decode-step sweep")
   p.set_defaults(fn=cmd_rollout)
   p = sub.add_parser("train", help="full train step: tokens/s, FLOP/s vs matmul peak, seeds")
   p.add_argument("--model", nargs="+", default=["tiny", "small"])
-  p.add_argument("--num-envs", type=int, default=32)
+  p.add_argument("--num-envs", type=int, nargs="+", default=[32],
+                 help="episodes per step (several: episodes/s vs batch size)")
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--seeds", type=int, nargs="+", default=[8],
-                 help="also time the tiny model vmapped over this many seeds")
+  p.add_argument("--seeds", type=int, nargs="*", default=[8],
+                 help="also time the tiny model vmapped over this many seeds (at the first "
+                      "--num-envs; none: skip)")
   p.set_defaults(fn=cmd_train)
   from mtrl_jax.models import transformer as tf
   shapes = sorted(tf.REAL_SHAPES)

@@ -47,6 +47,28 @@ def never_sampled_mask(vocab: V.TokenizerAdapter, vocab_size: int) -> np.ndarray
   return mask
 
 
+def sampling_logits(logits: jax.Array, banned: jax.Array, *, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Unnormalised log-probabilities of the distribution tokens are sampled from.
+
+  `sampling_log_probs` without the final log-softmax: temperature-scaled logits, -inf on
+  banned ids and outside the top-k / top-p support. Same arguments and shapes."""
+  x = jnp.where(banned, -jnp.inf, logits.astype(jnp.float32) / temperature)
+  if top_k:
+    kth = jax.lax.top_k(x, top_k)[0][..., -1:]
+    x = jnp.where(x < kth, -jnp.inf, x)
+  if top_p < 1.0:
+    order = jnp.argsort(-x, axis=-1)
+    sorted_x = jnp.take_along_axis(x, order, axis=-1)
+    probs = jax.nn.softmax(sorted_x, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p
+    keep = jnp.zeros_like(keep_sorted).at[
+        tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
+    x = jnp.where(keep, x, -jnp.inf)
+  return x
+
+
 def sampling_log_probs(logits: jax.Array, banned: jax.Array, *, temperature: float = 1.0,
                        top_k: int = 0, top_p: float = 1.0) -> jax.Array:
   """Log-probabilities of the distribution tokens are sampled from.
@@ -61,20 +83,49 @@ def sampling_log_probs(logits: jax.Array, banned: jax.Array, *, temperature: flo
   Returns:
     [..., V] float32 normalised log-probabilities (-inf outside the support).
   """
-  x = jnp.where(banned, -jnp.inf, logits.astype(jnp.float32) / temperature)
-  if top_k:
-    kth = jax.lax.top_k(x, top_k)[0][..., -1:]
-    x = jnp.where(x < kth, -jnp.inf, x)
-  if top_p < 1.0:
-    order = jnp.argsort(-x, axis=-1)
-    sorted_x = jnp.take_along_axis(x, order, axis=-1)
-    probs = jax.nn.softmax(sorted_x, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < top_p
-    keep = jnp.zeros_like(keep_sorted).at[
-        tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
-    x = jnp.where(keep, x, -jnp.inf)
-  return jax.nn.log_softmax(x, axis=-1)
+  return jax.nn.log_softmax(sampling_logits(logits, banned, temperature=temperature,
+                                            top_k=top_k, top_p=top_p), axis=-1)
+
+
+SAMPLE_BLOCK = 32  # ids per block of the two-level inverse-CDF search in `inverse_cdf_sample`
+
+
+def inverse_cdf_sample(x: jax.Array, u: jax.Array, *,
+                       block: int = SAMPLE_BLOCK) -> tuple[jax.Array, jax.Array]:
+  """Sample from `softmax(x)` with one uniform per row: (token [...] int32, its log-prob [...]).
+
+  Args:
+    x: [..., V] float32 unnormalised log-probabilities (-inf: never sampled; at least one
+      finite entry per row).
+    u: [...] float32 uniforms in [0, 1).
+
+  The token is the first id whose cumulative mass exceeds `u * Z` (inverse CDF), found in two
+  levels so that no length-V cumulative sum is needed (a plain `cumsum` over the vocabulary
+  costs several times the rest on CPU): the cumulative mass of blocks of `block` ids picks the
+  block, then a cumulative sum inside that one block picks the id. Zero-mass ids (banned,
+  outside top-k / top-p) can never be picked: thresholds are kept strictly below the mass they
+  are compared with. The log-prob is exact, `x[tok] - logsumexp(x)`, from the same
+  exponentials, without a `[.., V]` log-softmax. One uniform replaces the V Gumbel draws of
+  `jax.random.categorical` (per row per token: 2 threefry hashes instead of ~V/2).
+  """
+  *lead, V = x.shape
+  nb = -(-V // block)
+  m = jnp.max(x, axis=-1, keepdims=True)
+  e = jnp.exp(x - m)                                                    # [..., V], 0 off support
+  e = jnp.pad(e, [(0, 0)] * len(lead) + [(0, nb * block - V)]).reshape(*lead, nb, block)
+  bsum = jnp.sum(e, axis=-1)                                            # [..., nb]
+  cb = jnp.cumsum(bsum, axis=-1)
+  z = cb[..., -1:]                                                      # total mass (>= 1)
+  t = jnp.minimum(u[..., None].astype(jnp.float32) * z, jnp.nextafter(z, 0.0))
+  blk = jnp.minimum(jnp.sum(cb <= t, axis=-1), nb - 1)                  # first block past t
+  take = lambda a, i: jnp.take_along_axis(a, i[..., None], axis=-1)[..., 0]
+  before = take(cb, blk) - take(bsum, blk)
+  eb = jnp.take_along_axis(e, blk[..., None, None], axis=-2)[..., 0, :]  # [..., block]
+  w = jnp.cumsum(eb, axis=-1)
+  r = jnp.minimum(jnp.maximum(t[..., 0] - before, 0.0), jnp.nextafter(w[..., -1], 0.0))
+  tok = blk * block + jnp.minimum(jnp.sum(w <= r[..., None], axis=-1), block - 1)
+  logp = take(x, tok) - m[..., 0] - jnp.log(z[..., 0])
+  return tok.astype(jnp.int32), logp
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -107,14 +158,33 @@ class Policy:
     return sampling_log_probs(logits, jnp.asarray(self.banned), temperature=self.temperature,
                               top_k=self.top_k, top_p=self.top_p)
 
+  def logits(self, logits: jax.Array) -> jax.Array:
+    """[..., V] logits -> [..., V] unnormalised log-probs of this distribution (-inf outside
+    its support): `log_probs` without the normalisation."""
+    return sampling_logits(logits, jnp.asarray(self.banned), temperature=self.temperature,
+                           top_k=self.top_k, top_p=self.top_p)
+
   def sample(self, key: jax.Array, logits: jax.Array, *,
              greedy: bool = False) -> tuple[jax.Array, jax.Array]:
     """One token from `logits` [V]: (token [] int32, its log-prob [] under this distribution).
 
-    `greedy`: the argmax of the distribution (its log-prob is still reported)."""
-    logp = self.log_probs(logits)
-    tok = jnp.argmax(logp, -1) if greedy else jax.random.categorical(key, logp)
-    return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[..., None], -1)[..., 0]
+    Inverse-CDF sampling from one uniform drawn with `key` (`inverse_cdf_sample`); the
+    log-prob is exact. `greedy`: the argmax of the distribution (its log-prob is still
+    reported)."""
+    u = jax.random.uniform(key, logits.shape[:-1])
+    return self.sample_uniform(u, logits, greedy=greedy)
+
+  def sample_uniform(self, u: jax.Array, logits: jax.Array, *,
+                     greedy: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`sample` from given uniforms: u [...] in [0, 1), logits [..., V] -> (tokens [...],
+    log-probs [...]). Batched: the rollout draws one uniform per row per token."""
+    x = self.logits(logits)
+    if greedy:
+      tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
+      logp = (jnp.take_along_axis(x, tok[..., None], -1)[..., 0]
+              - jax.nn.logsumexp(x, axis=-1))
+      return tok, logp
+    return inverse_cdf_sample(x, u)
 
   def token_log_probs(self, logits: jax.Array,
                       tokens: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -8,26 +8,55 @@ pure function of its arguments:
 that plays `num_envs * group_size` episodes at once. Rows are laid out group-contiguously: rows
 `g*G .. g*G+G-1` share environment instance g (same reset key) and differ in sampling keys.
 
-How one call runs (all static shapes, one `lax.while_loop`, no host round trip):
+How one call runs (all static shapes, nested `lax.while_loop`s, no host round trip, no
+`lax.cond` around the KV cache):
 
 1. `env.reset` (vmapped) gives each row its prompt; one chunked prefill call writes the whole
    prompt into the KV cache and yields the logits of the first agent token (the LM head runs
    on each row's last prompt position only, not on every prompt position).
-2. Every loop iteration, every live row advances by exactly one token, in one one-token model
-   call for the whole batch:
-   * GEN: sample a token from the logits of the row's previous token (or take a forced one,
-     see below) and write it at the row's position (`loss_mask=True`);
-   * FEED: write the next token of the pending environment reply (`loss_mask=False`,
-     `turn=-1`);
-   * DONE: nothing (its writes go to an out-of-range position and are dropped).
-   Rows move independently: one row can be in its third turn while another is still reading
-   its first reply. Replies are short (`env.reply_len` <= ~16), so feeding them token by token
-   keeps a single model-call shape per iteration instead of a `lax.cond` between a decode and a
-   chunk call (a cond around the KV cache costs copies of it).
-3. A turn ends when the row emits `<eot>`. Then `env.step` runs for the rows whose turn ended
-   (`lax.cond` on any, over the environment's part of the carry only: iterations with no
-   finished turn do no environment work), its reward goes to `turn_reward[k]`, and its reply
-   becomes the row's pending FEED.
+2. The outer loop repeats, until every row is DONE:
+   a. *Decode* (inner `while_loop`): every iteration, every generating row (GEN) emits one
+      token, in one one-token model call for the whole batch: it samples from the logits of
+      its previous token (or takes a forced one, see below) and writes it at its position.
+      A row that emits `<eot>` stops (STEP) and waits. The loop hands over once at least
+      `config.feed_fraction` of the unfinished rows wait (default half), or none generates.
+   b. *Environment*: `env.step` (vmapped) for the rows whose turn ended, once for all of them
+      (`lax.cond` on any, over the environment's part of the carry only); its reward goes to
+      `turn_reward[k]`, its reply becomes the row's pending reply (FEED), or the row is DONE.
+   c. *Feed* (inner `while_loop`, as many trips as the longest pending reply needs): every
+      pending reply enters the cache `C = min(env.reply_len, config.feed_chunk)` tokens
+      per row per `[B, C]` model call (rows with nothing to feed write out of range: dropped),
+      and the LM head runs at each row's last fed token only. A row whose reply is all in
+      starts its next turn (GEN).
+   Rows move independently: a row waiting for its reply does not block the others until
+   enough rows wait. DONE rows write out of range (dropped).
+
+Why this shape (measured on 2 CPU cores, B=64, 4-layer hidden-256 Qwen2-style model, T=192;
+`python -m experiments.benchmark rollout` and README): a one-token step costs ~10 ms
+(157 us per row), a `[B, 16]` or `[B, 32]` chunk ~74 us per token-row, so reply tokens are
+about 2x cheaper fed in chunks (2.8x with the tiny model), and a 128-token tool output costs
+four `[B, 32]` calls instead of 128 loop iterations. Alternatives:
+* one token per iteration for every row, feeding included (the previous loop): a third of
+  the iterations of a 4-turn episode with 16-token replies only fed replies; the fused
+  rollout was 1.4x slower on the same benchmark;
+* every iteration a `[B, C]` call, C slots of which a generating row uses one and a feeding
+  row up to C: a `[B, 4]` call costs 2.4x a one-token call (4-layer model; 1.8x tiny), paid
+  on every generating iteration, which are most of them;
+* one loop with a `lax.cond` between the decode call and a chunk call: whether XLA copies the
+  cache through the cond depends on the program (a standalone test loop copied it on every
+  iteration; the rollout's did not), and the cond runs a feed call whenever any row waits;
+  nested loops are in place by construction (`tests/test_rollout.py` checks the compiled
+  rollout has no cache-sized copy beyond the initial zeros) and feed many rows per call.
+`feed_fraction` trades feed calls for waiting: 0 feeds as soon as one row waits (one
+`[B, C]` call per turn end), 1 waits for the slowest row of every turn (turn-synchronous).
+
+Sampling (`Policy.sample_uniform`): one uniform per row per token, drawn with
+`fold_in(token_key, position)`, and inverse-CDF sampling over the policy's distribution in
+two levels (block sums, then one block), with the exact log-prob `x[tok] - logsumexp(x)`:
+no `[B, V]` log-softmax and no V Gumbel draws per row (`jax.random.categorical`), which cost
+~0.57 ms of the tiny model's ~2 ms step at B=64 against ~0.05 ms now. Per token, two scatters
+(the token, and the log-prob of a sampled token); `loss_mask` and `turn` are derived once at
+the end from the turn boundaries and a `NOT_SAMPLED` sentinel in the log-prob array.
 
 Budgets (validated in `make_rollout`, errors name the setting):
 * `max_len` T: the whole row. A row that runs out of context is `truncated`.
@@ -54,18 +83,22 @@ loop, and for tests). Forced turns have `loss_mask=False`.
 Replay and continuation (`rows(..., forced_actions=, num_forced=, stop_after_turn=,
 continue_keys=)`): the first `num_forced[b]` agent turns of row b are fed from recorded tokens
 (`turn_actions(traj)`) instead of sampled, through the same path as expert forcing; with the
-recording's reset and sample keys the environment sees the same actions at the same loop
-iterations with the same step keys, so the conversation state is reproduced exactly, and the
-policy then samples the rest with `continue_keys`, optionally stopped after `stop_after_turn[b]`
-turns (truncated). `multiturn_aware_reward` builds CollabLLM's MR(k) on top of it.
+recording's reset and sample keys the environment sees the same actions with the same step
+keys (keyed by turn), so the conversation state is reproduced exactly, and the policy then
+samples the rest with `continue_keys`, optionally stopped after `stop_after_turn[b]` turns
+(truncated). `multiturn_aware_reward` builds CollabLLM's MR(k) on top of it.
 
 Real tokenizers: `env.vocab` is any `vocab.TokenizerAdapter` with `eot_id`, `size`, symbol
 lookups (`in`, `id`) and optionally `never_sampled_ids()`; `mtrl_jax.models.chat.ChatTokenizer`
 is the Hugging Face one (ids of a real tokenizer, turn ended by `<|im_end|>` / `<|eot_id|>`).
 Rows are padded with id 0 whatever the tokenizer.
 
-Determinism: every row carries its own PRNG key, so a row's episode depends only on its key,
-not on the batch size, the layout or the number of devices.
+Determinism: every row carries its own PRNG key, split once into a token key (token t is
+drawn with `fold_in(token_key, t)`), an environment key (turn k's step gets
+`fold_in(env_key, k)`) and an expert key (`fold_in(expert_key, k)`). Keys depend on positions
+and turns, never on loop iterations, so a row's episode depends only on its key: not on the
+batch size, the layout, the number of devices, or when its replies were fed (tested under
+every `feed_fraction` and chunk size).
 """
 
 from __future__ import annotations
@@ -83,7 +116,10 @@ from mtrl_jax.models import transformer as tf
 from mtrl_jax.policy import Policy
 from mtrl_jax.types import Trajectory
 
-GEN, FEED, DONE = 0, 1, 2
+# Row phases: generating a turn; turn ended, waiting for the environment step; reply pending
+# (fed in chunks); episode over.
+GEN, STEP, FEED, DONE = 0, 1, 2, 3
+NOT_SAMPLED = 1.0  # log-prob slot of a token the policy did not sample (a log-prob is <= 0)
 # The part of the loop carry the environment step reads or writes (passed through its cond).
 _ENV_FIELDS = ("tokens", "pos", "turn_start", "k", "env_state", "info", "turn_end",
                "turn_reward", "turn_valid", "done", "truncated", "phase", "reply", "reply_n",
@@ -107,6 +143,11 @@ class RolloutConfig:
     greedy: argmax decoding (evaluation); `sampler_logprob` is then the log-prob under the
       temperature-scaled distribution.
     force_expert: replay `env.expert` instead of sampling.
+    feed_fraction: the decode loop hands over to the environment step and the reply feed once
+      at least this fraction of the unfinished rows wait for one (0: as soon as one row does;
+      1: only when no row is generating). See the module docstring.
+    feed_chunk: reply tokens fed per row per model call (a reply longer than this takes
+      several calls); at most `env.reply_len` is used.
   """
 
   num_envs: int = 8
@@ -120,6 +161,8 @@ class RolloutConfig:
   top_p: float = 1.0
   greedy: bool = False
   force_expert: bool = False
+  feed_fraction: float = 0.5
+  feed_chunk: int = 32
 
   @property
   def batch_size(self) -> int:
@@ -132,7 +175,7 @@ class BudgetError(ValueError):
 
 def validate(env: envs_base.Environment, model_config: tf.ModelConfig, c: RolloutConfig) -> int:
   """Check every static budget; returns K. Raises `BudgetError` naming the setting."""
-  for name in ("num_envs", "group_size", "max_len", "turn_budget"):
+  for name in ("num_envs", "group_size", "max_len", "turn_budget", "feed_chunk"):
     value = getattr(c, name)
     if not isinstance(value, (int, np.integer)) or value < 1:
       raise BudgetError(f"rollout.{name} must be a positive integer, got {value!r}")
@@ -164,6 +207,8 @@ def validate(env: envs_base.Environment, model_config: tf.ModelConfig, c: Rollou
   if c.temperature <= 0:
     raise BudgetError(f"rollout.temperature must be > 0 (use greedy=True for argmax), got "
                       f"{c.temperature}")
+  if not 0 <= c.feed_fraction <= 1:
+    raise BudgetError(f"rollout.feed_fraction must be in [0, 1], got {c.feed_fraction}")
   if not 0 < c.top_p <= 1:
     raise BudgetError(f"rollout.top_p must be in (0, 1], got {c.top_p}")
   if c.top_k < 0 or c.top_k > model_config.vocab_size:
@@ -204,14 +249,15 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
     logits, _, cache = tf.apply(policy_cfg, params, tokens, positions, cache=cache)
     return logits, cache
 
-  def prefill(params, tokens, positions, lengths, cache):
-    """The prompts into the cache; logits [B, V] of each row's last prompt position only."""
+  def prefill(params, tokens, positions, last, cache):
+    """A chunk (prompts, reply chunks) into the cache: logits [B, V] at index `last` [B] of
+    each row's chunk only (the LM head never runs on the other positions)."""
     hidden, _, cache = tf.apply(policy_cfg, params, tokens, positions, cache=cache,
                                 return_hidden=True)
-    last = hidden[jnp.arange(tokens.shape[0]), lengths - 1]
-    return tf.lm_logits(policy_cfg, params, last), cache
+    h_last = hidden[jnp.arange(tokens.shape[0]), last]
+    return tf.lm_logits(policy_cfg, params, h_last), cache
 
-  sample = lambda key, logits: policy.sample(key, logits, greedy=c.greedy)
+  C = min(R, c.feed_chunk)  # reply tokens per row per feed call
 
   def rows(params, reset_keys, sample_keys, env_params=None, *, forced_actions=None,
            num_forced=None, stop_after_turn=None, continue_keys=None,
@@ -255,7 +301,7 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
     env_state, prompt = jax.vmap(env.reset, in_axes=(0, p_axis))(reset_keys, env_params)
     p_pos = jnp.where(jnp.arange(P) < prompt.length[:, None], jnp.arange(P), T)
     cache = tf.init_cache(model_config, B, T)
-    next_logits, cache = prefill(params, prompt.tokens, p_pos, prompt.length, cache)
+    next_logits, cache = prefill(params, prompt.tokens, p_pos, prompt.length - 1, cache)
 
     tokens = jnp.zeros((B, T), jnp.int32).at[:, :P].set(
         jnp.where(jnp.arange(P) < prompt.length[:, None], prompt.tokens, V.PAD_ID))
@@ -265,56 +311,60 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
             reset_keys, env_state, envs_base.Action(jnp.zeros((B, A), jnp.int32),
                                                      jnp.zeros((B,), jnp.int32)), env_params)[4])
     info = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), info_shape)
-    keys = jax.vmap(jax.random.split)(sample_keys)  # [B, 2]: (loop key, expert key)
+    # Per-row key streams, split once: token t of a row is drawn with fold_in(tok_key, t), the
+    # environment step of turn k gets fold_in(env_key, k), the expert's turn k
+    # fold_in(expert_key, k). A row's episode depends only on its own key.
+    keys = jax.vmap(lambda k: jax.random.split(k, 3))(sample_keys)  # [B, 3]
+    ckeys = None
+    if continue_keys is not None:
+      ckeys = jax.vmap(lambda k: jax.random.split(k, 2))(continue_keys)  # (tokens, env)
     forced = jnp.zeros((B, A), jnp.int32)
     if c.force_expert:
-      forced = _expert_tokens(env, keys[:, 1], env_state, env_params, A, p_axis)
+      forced = _expert_tokens(env, _fold(keys[:, 2], jnp.zeros((B,), jnp.int32)), env_state,
+                              env_params, A, p_axis)
 
+    pos0 = prompt.length.astype(jnp.int32)
     carry = dict(
-        keys=keys[:, 0], cache=cache, next_logits=next_logits,
-        tokens=tokens, loss_mask=jnp.zeros((B, T), bool), turn=jnp.full((B, T), -1, jnp.int32),
-        logprob=jnp.zeros((B, T), jnp.float32),
-        pos=prompt.length.astype(jnp.int32), phase=jnp.full((B,), GEN, jnp.int32),
+        cache=cache, next_logits=next_logits, tokens=tokens,
+        logprob=jnp.full((B, T), NOT_SAMPLED, jnp.float32),
+        pos=pos0, phase=jnp.full((B,), GEN, jnp.int32),
         reply=jnp.zeros((B, R), jnp.int32), reply_n=jnp.zeros((B,), jnp.int32),
         reply_i=jnp.zeros((B,), jnp.int32),
-        k=jnp.zeros((B,), jnp.int32), turn_start=prompt.length.astype(jnp.int32),
+        k=jnp.zeros((B,), jnp.int32), turn_start=pos0,
         in_think=jnp.zeros((B,), bool), think_n=jnp.zeros((B,), jnp.int32), forced=forced,
         env_state=env_state, info=info,
+        turn_begin=jnp.zeros((B, K), jnp.int32).at[:, 0].set(pos0),
         turn_end=jnp.zeros((B, K), jnp.int32), turn_reward=jnp.zeros((B, K), jnp.float32),
         turn_valid=jnp.zeros((B, K), bool),
-        done=jnp.zeros((B,), bool), truncated=jnp.zeros((B,), bool), it=jnp.int32(0))
-    if continue_keys is not None:
-      carry["ckeys"] = continue_keys
+        done=jnp.zeros((B,), bool), truncated=jnp.zeros((B,), bool))
 
-    def cond(s):
-      return jnp.any(s["phase"] != DONE) & (s["it"] < T)
+    def waiting_enough(s):
+      """Leave the decode loop: enough rows wait for the environment or a reply chunk."""
+      live = jnp.sum(s["phase"] != DONE)
+      waiting = jnp.sum((s["phase"] == STEP) | (s["phase"] == FEED))
+      need = jnp.maximum(1, jnp.ceil(c.feed_fraction * live).astype(jnp.int32))
+      return waiting >= need
 
-    def body(s):
+    def decode_cond(s):
+      return jnp.any(s["phase"] == GEN) & ~waiting_enough(s)
+
+    def decode_body(s):
+      """Every generating row emits one token; one one-token model call for the batch."""
       s = dict(s)
-      split = jax.vmap(lambda k: jax.random.split(k, 3))(s["keys"])
-      s["keys"], k_sample, k_env = split[:, 0], split[:, 1], split[:, 2]
-      if continue_keys is not None:
-        # Sampling always, and environment steps after the forced prefix, use fresh keys.
-        csplit = jax.vmap(lambda k: jax.random.split(k, 3))(s["ckeys"])
-        s["ckeys"], k_sample = csplit[:, 0], csplit[:, 1]
-        in_prefix = s["k"] < num_forced if replay else jnp.zeros((B,), bool)
-        k_env = jnp.where(in_prefix, k_env, csplit[:, 2])
-
       # A generating row with no room left is truncated; its partial turn still counts.
-      out_of_room = (s["phase"] == GEN) & (s["pos"] >= T)
-      s = _truncate(s, out_of_room)
+      s = _truncate(s, (s["phase"] == GEN) & (s["pos"] >= T))
       gen = s["phase"] == GEN
-      feed = s["phase"] == FEED
-      live = gen | feed
-
-      # 1. Each generating row chooses its next token; each feeding row takes its next reply
-      #    token. Every live row advances by exactly one token per iteration.
-      tok, logp = jax.vmap(sample)(k_sample, s["next_logits"])
       n_in_turn = s["pos"] - s["turn_start"]
-      sampled = jnp.ones((B,), bool)
+      sampled = gen
       if c.force_expert:
         tok = s["forced"][b_idx, jnp.clip(n_in_turn, 0, A - 1)]
         sampled = jnp.zeros((B,), bool)
+        logp = jnp.zeros((B,), jnp.float32)
+      else:
+        tok_keys = keys[:, 0] if ckeys is None else ckeys[:, 0]
+        u = jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t)))(
+            tok_keys, s["pos"])
+        tok, logp = policy.sample_uniform(u, s["next_logits"], greedy=c.greedy)
       if replay:
         in_forced_turn = s["k"] < num_forced
         tok = jnp.where(in_forced_turn,
@@ -326,47 +376,74 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
         force_think = s["in_think"] & (s["think_n"] >= c.think_budget) & ~force_eot
         tok = jnp.where(force_think, think_close, tok)
       tok = jnp.where(force_eot, eot, tok)
-      sampled = sampled & ~force_eot & ~force_think & gen
+      sampled = sampled & ~force_eot & ~force_think
       if c.think_budget is not None:
         opened = (s["in_think"] | (tok == think_open)) & (tok != think_close)
         s["think_n"] = jnp.where(gen, jnp.where(s["in_think"] & opened, s["think_n"] + 1, 0),
                                  s["think_n"])
         s["in_think"] = jnp.where(gen, opened, s["in_think"])
-      reply_tok = s["reply"][b_idx, jnp.clip(s["reply_i"], 0, R - 1)]
-      tok = jnp.where(feed, reply_tok, tok)
 
-      pos_w = jnp.where(live, s["pos"], T)  # T: out of range, the write is dropped
+      # Two scatters per token: the token, and the log-prob of a sampled one (the sentinel
+      # NOT_SAMPLED stays on every other position; loss_mask and turn are derived at the end).
+      pos_w = jnp.where(gen, s["pos"], T)  # T: out of range, the write is dropped
       s["tokens"] = s["tokens"].at[b_idx, pos_w].set(tok, mode="drop")
-      s["loss_mask"] = s["loss_mask"].at[b_idx, pos_w].set(sampled, mode="drop")
-      s["turn"] = s["turn"].at[b_idx, pos_w].set(jnp.where(gen, s["k"], -1), mode="drop")
-      s["logprob"] = s["logprob"].at[b_idx, pos_w].set(jnp.where(sampled, logp, 0.0),
-                                                       mode="drop")
+      s["logprob"] = s["logprob"].at[b_idx, jnp.where(sampled, pos_w, T)].set(logp, mode="drop")
 
-      # 2. One-token decode for all live rows.
       logits, s["cache"] = model(params, tok[:, None], pos_w[:, None], s["cache"])
-      s["next_logits"] = jnp.where(live[:, None], logits[:, 0], s["next_logits"])
-      s["pos"] = s["pos"] + live.astype(jnp.int32)
+      s["next_logits"] = jnp.where(gen[:, None], logits[:, 0], s["next_logits"])
+      s["pos"] = s["pos"] + gen.astype(jnp.int32)
+      s["phase"] = jnp.where(gen & (tok == eot), STEP, s["phase"])
+      return s
 
+    def feed_body(s):
+      """The next chunk of every pending reply into the cache: one [B, C] model call."""
+      s = dict(s)
+      feed = s["phase"] == FEED
+      idx = s["reply_i"][:, None] + jnp.arange(C)
+      n = jnp.where(feed, jnp.clip(s["reply_n"] - s["reply_i"], 0, C), 0)
+      valid = jnp.arange(C) < n[:, None]
+      toks = jnp.where(valid, jnp.take_along_axis(s["reply"], jnp.clip(idx, 0, R - 1), 1),
+                       V.PAD_ID)
+      cpos = jnp.where(valid, s["pos"][:, None] + jnp.arange(C), T)
+      s["tokens"] = s["tokens"].at[b_idx[:, None], cpos].set(toks, mode="drop")
+      logits, s["cache"] = prefill(params, toks, cpos, jnp.maximum(n - 1, 0), s["cache"])
+      s["next_logits"] = jnp.where((n > 0)[:, None], logits, s["next_logits"])
+      s["pos"] = s["pos"] + n
+      s["reply_i"] = s["reply_i"] + n
       # A row that fed the last token of its reply starts its next turn.
-      s["reply_i"] = s["reply_i"] + feed.astype(jnp.int32)
       fed_all = feed & (s["reply_i"] >= s["reply_n"])
       s["phase"] = jnp.where(fed_all, GEN, s["phase"])
       s["turn_start"] = jnp.where(fed_all, s["pos"], s["turn_start"])
+      k_onehot = jax.nn.one_hot(s["k"], K, dtype=bool) & fed_all[:, None]
+      s["turn_begin"] = jnp.where(k_onehot, s["pos"][:, None], s["turn_begin"])
       s["in_think"] = jnp.where(fed_all, False, s["in_think"])
       s["think_n"] = jnp.where(fed_all, 0, s["think_n"])
-
-      # 3. Step the environment for rows whose turn just ended (only the environment's part
-      #    of the carry goes through the cond, so the KV cache is never copied by it).
-      ended = gen & (tok == eot)
-      env_part = {name: s[name] for name in _ENV_FIELDS}
-      env_part = jax.lax.cond(jnp.any(ended), lambda e: _env_step(e, ended, k_env),
-                              lambda e: e, env_part)
-      s.update(env_part)
-      s["it"] = s["it"] + 1
       return s
 
-    def _env_step(s, ended, k_env):
+    def outer_body(s):
+      # 1. Decode until enough rows' turns have ended (or none generates).
+      s = jax.lax.while_loop(decode_cond, decode_body, s)
+      # 2. Step the environment for the rows whose turn ended (only the environment's part of
+      #    the carry goes through the cond, so the KV cache is never copied by it).
+      ended = s["phase"] == STEP
+      env_part = {name: s[name] for name in _ENV_FIELDS}
+      env_part = jax.lax.cond(jnp.any(ended), lambda e: _env_step(e, ended), lambda e: e,
+                              env_part)
+      s = {**s, **env_part}
+      # 3. Feed the replies, C tokens per row per call, until none is pending.
+      return jax.lax.while_loop(lambda s: jnp.any(s["phase"] == FEED), feed_body, s)
+
+    def _env_step(s, ended):
       s = dict(s)
+      k_env = _fold(keys[:, 1], s["k"])
+      if ckeys is not None:
+        # Environment steps of the forced prefix use the loop's own keys (a replay with the
+        # recording's keys steps the environment exactly as it was stepped); later ones the
+        # continuation keys.
+        in_prefix = s["k"] < num_forced if replay else jnp.zeros((B,), bool)
+        k_env = jnp.where(in_prefix[:, None], jax.random.key_data(k_env),
+                          jax.random.key_data(_fold(ckeys[:, 1], s["k"])))
+        k_env = jax.random.wrap_key_data(k_env, impl=jax.random.key_impl(keys))
       last = s["pos"] - 1
       length = s["pos"] - s["turn_start"]
       if empty_idle_actions:
@@ -404,19 +481,29 @@ def make_rollout(env: envs_base.Environment, model_config: tf.ModelConfig,
       s["reply_n"] = jnp.where(ended, obs.length, s["reply_n"])
       s["reply_i"] = jnp.where(ended, 0, s["reply_i"])
       if c.force_expert:
-        expert_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(k_env)
-        new_forced = _expert_tokens(env, expert_keys, s["env_state"], env_params, A, p_axis)
+        new_forced = _expert_tokens(env, _fold(keys[:, 2], s["k"]), s["env_state"],
+                                    env_params, A, p_axis)
         s["forced"] = jnp.where(ended[:, None], new_forced, s["forced"])
       return s
 
-    s = jax.lax.while_loop(cond, body, carry)
-    # Rows still generating when the iteration bound hit (cannot happen: every iteration
-    # advances each live row) would be truncated here; keep the contract regardless.
+    s = jax.lax.while_loop(lambda s: jnp.any(s["phase"] != DONE), outer_body, carry)
+    # Every outer iteration moves some row forward and a row's position is bounded, so the
+    # loop ends with every row DONE; keep the contract regardless.
     s = _truncate(s, s["phase"] != DONE)
+    # The per-token fields, derived once: turn k spans [turn_begin[k], turn_end[k]]; a
+    # position holds a policy sample iff its log-prob was written.
+    t_idx = jnp.arange(T)
+    in_turn = ((t_idx[None, None, :] >= s["turn_begin"][:, :, None])
+               & (t_idx[None, None, :] <= s["turn_end"][:, :, None])
+               & s["turn_valid"][:, :, None])                                  # [B, K, T]
+    turn = jnp.where(jnp.any(in_turn, axis=1),
+                     jnp.argmax(in_turn, axis=1).astype(jnp.int32), -1)
+    loss_mask = ~(s["logprob"] > 0.0)  # NOT_SAMPLED > 0; a sampled log-prob is <= 0
     traj = Trajectory(
-        tokens=s["tokens"], loss_mask=s["loss_mask"], turn=s["turn"],
-        sampler_logprob=s["logprob"], turn_end=s["turn_end"], turn_reward=s["turn_reward"],
-        turn_valid=s["turn_valid"], done=s["done"], truncated=s["truncated"], info=s["info"])
+        tokens=s["tokens"], loss_mask=loss_mask, turn=turn,
+        sampler_logprob=jnp.where(loss_mask, s["logprob"], 0.0), turn_end=s["turn_end"],
+        turn_reward=s["turn_reward"], turn_valid=s["turn_valid"], done=s["done"],
+        truncated=s["truncated"], info=s["info"])
     return (traj, s["env_state"]) if return_env_state else traj
 
   return Rollout(rows=rows, config=c, policy=policy, max_turns=K, turn_budget=A)
@@ -536,6 +623,11 @@ def _truncate(s: dict[str, Any], which: jax.Array) -> dict[str, Any]:
   s["truncated"] = s["truncated"] | (which & (s["phase"] != DONE))
   s["phase"] = jnp.where(which, DONE, s["phase"])
   return s
+
+
+def _fold(keys: jax.Array, data: jax.Array) -> jax.Array:
+  """[B] keys, [B] int32 -> [B] keys `fold_in(keys[b], data[b])`."""
+  return jax.vmap(jax.random.fold_in)(keys, data)
 
 
 def _expert_tokens(env, keys, env_state, env_params, width: int, params_axis=None) -> jax.Array:

@@ -283,7 +283,11 @@ def test_python_tool_path_equals_pure_jax_calculator(force_expert, noise):
   via_python = jax.jit(R.make_rollout(py_env, cfg, config))(params, jax.random.key(9), env_params)
   chex.assert_trees_all_equal(pure, via_python)
   if force_expert:
-    assert len(calls) >= 16, "the expert's calls went through Python"
+    # Every tool call of the episodes went through Python (rows stepped alongside a finished
+    # turn may add calls whose results are discarded, so this is a lower bound).
+    made = int(np.sum(pure.info["num_tool_calls"]))
+    assert made >= 8, "the noisy expert still calls the tool in most episodes"
+    assert len(calls) >= made, (len(calls), made)
 
 
 def test_python_tool_errors_become_replies():
@@ -318,3 +322,130 @@ def test_sampling_log_probs_top_k_top_p_and_bans():
   # Temperature sharpens: T -> small puts almost all mass on the argmax.
   cold = np.exp(np.asarray(policy_lib.sampling_log_probs(logits, banned, temperature=0.05)))[0]
   assert cold[1] > 0.99
+
+
+# --- issue 21: chunked reply feeding, per-position keys, inverse-CDF sampling ---------------
+
+def test_inverse_cdf_sample_follows_the_distribution_and_its_log_prob_is_exact():
+  V_ = 100  # not a multiple of the 32-id search block: the padded tail must never be picked
+  x = jax.random.normal(jax.random.key(0), (V_,)) * 2.0
+  x = x.at[jnp.asarray([0, 1, 37, 99])].set(-jnp.inf)  # banned ids, also in the last block
+  n = 40000
+  u = jax.random.uniform(jax.random.key(1), (n,))
+  tok, logp = jax.jit(policy_lib.inverse_cdf_sample)(jnp.broadcast_to(x, (n, V_)), u)
+  tok, logp = np.asarray(tok), np.asarray(logp)
+  p = np.asarray(jax.nn.softmax(x))
+  chex.assert_shape(tok, (n,))
+  assert tok.min() >= 0 and tok.max() < V_
+  assert not np.isin(tok, [0, 1, 37, 99]).any(), "a zero-probability id was sampled"
+  freq = np.bincount(tok, minlength=V_) / n
+  # Every id within 5 standard errors of its probability (binomial).
+  np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / n) + 1e-4)
+  np.testing.assert_allclose(logp, np.log(p[tok]), atol=1e-5)
+
+
+@pytest.mark.parametrize("u", [0.0, 1e-9, 0.5, 1.0 - 2.0**-24])
+def test_inverse_cdf_sample_edges_never_pick_banned_ids(u):
+  # Support only in the middle: the extreme uniforms must land on its first / last id.
+  x = jnp.full((70,), -jnp.inf).at[40:43].set(jnp.asarray([0.0, 1.0, -1.0]))
+  tok, logp = policy_lib.inverse_cdf_sample(x, jnp.float32(u))
+  assert 40 <= int(tok) <= 42
+  assert np.isfinite(float(logp)) and float(logp) <= 0.0
+  if u == 0.0:
+    assert int(tok) == 40
+  if u > 0.99:
+    assert int(tok) == 42
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.8)])
+def test_truncated_sampling_stays_in_support_with_exact_log_probs(top_k, top_p):
+  logits = jax.random.normal(jax.random.key(2), (512, 60)) * 3.0
+  banned = np.zeros((60,), bool)
+  banned[:3] = True
+  pol = policy_lib.Policy(banned=banned, temperature=0.8, top_k=top_k, top_p=top_p)
+  u = jax.random.uniform(jax.random.key(3), (512,))
+  tok, logp = jax.jit(pol.sample_uniform)(u, logits)
+  want = np.asarray(pol.log_probs(logits))
+  got = want[np.arange(512), np.asarray(tok)]
+  assert np.isfinite(got).all(), "sampled outside the top-k / top-p support"
+  np.testing.assert_allclose(np.asarray(logp), got, atol=1e-5)
+  # Greedy: the argmax, with its log-prob.
+  gtok, glogp = pol.sample_uniform(u, logits, greedy=True)
+  np.testing.assert_array_equal(np.asarray(gtok), want.argmax(-1))
+  np.testing.assert_allclose(np.asarray(glogp), want.max(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 8, 1.0), (0.8, 0, 0.9)])
+def test_truncated_sampler_logprob_matches_teacher_forced_forward(temperature, top_k, top_p):
+  env, _, cfg, params = setup("calculator")
+  traj = run("calculator", temperature=temperature, top_k=top_k, top_p=top_p)
+  logits, _, _ = jax.jit(lambda p, t: tf.apply(dataclasses.replace(cfg, value_head=False), p, t))(
+      params, jnp.asarray(traj.tokens))
+  banned = jnp.asarray(policy_lib.never_sampled_mask(env.vocab, cfg.vocab_size))
+  logp = policy_lib.sampling_log_probs(logits[:, :-1], banned, temperature=temperature,
+                                       top_k=top_k, top_p=top_p)
+  token_logp = np.take_along_axis(np.asarray(logp), traj.tokens[:, 1:, None], -1)[..., 0]
+  mask = traj.loss_mask[:, 1:]
+  assert mask.sum() > 100
+  np.testing.assert_allclose(token_logp[mask], traj.sampler_logprob[:, 1:][mask], atol=1e-4)
+
+
+@pytest.mark.parametrize("env_name", ["calculator", "search"])
+def test_episode_does_not_depend_on_the_feed_schedule(env_name):
+  """Replies fed as soon as one row waits, when half do, or when all do, in chunks of 3 or of
+  the whole reply: the same episodes (per-position keys, per-turn environment keys)."""
+  env, env_params, cfg, params = setup(env_name)
+  reset, sample = R.rollout_keys(jax.random.key(11), BASE.num_envs, BASE.group_size)
+  outs = {}
+  for frac, chunk in [(0.5, 32), (0.0, 32), (1.0, 32), (0.5, 3)]:
+    config = dataclasses.replace(BASE, feed_fraction=frac, feed_chunk=chunk, temperature=1.5)
+    ro = R.make_rollout(env, cfg, config)
+    outs[frac, chunk] = jax.tree.map(np.asarray, jax.jit(ro.rows)(params, reset, sample,
+                                                                  env_params))
+  ref = outs[0.5, 32]
+  types.check_trajectory(ref)
+  assert ref.turn_valid.sum(1).min() >= 2, "multi-turn episodes exercise the feeding"
+  assert env.reply_len > 3, "chunks of 3 split the replies"
+  for key, traj in outs.items():
+    types.check_trajectory(traj)
+    np.testing.assert_array_equal(traj.tokens, ref.tokens, err_msg=str(key))
+    np.testing.assert_array_equal(traj.loss_mask, ref.loss_mask, err_msg=str(key))
+    np.testing.assert_array_equal(traj.turn, ref.turn, err_msg=str(key))
+    chex.assert_trees_all_close(traj, ref, atol=1e-5)
+
+
+def test_row_depends_only_on_its_key_with_replay_and_continuation_keys():
+  """Continuation sampling is keyed by (continue key, position) too: a row's continuation is
+  the same in a batch of 12 and of 6."""
+  env, env_params, cfg, params = setup("calculator")
+  ro = R.make_rollout(env, cfg, dataclasses.replace(BASE, temperature=1.5))
+  reset, sample = R.rollout_keys(jax.random.key(12), BASE.num_envs, BASE.group_size)
+  rec = jax.jit(ro.rows)(params, reset, sample, env_params)
+  actions, _ = R.turn_actions(rec, BASE.turn_budget)
+  ckeys = jax.random.split(jax.random.key(13), BASE.batch_size)
+  nf = jnp.ones((BASE.batch_size,), jnp.int32)
+  play = jax.jit(lambda r, s, a, n, c: ro.rows(params, r, s, env_params, forced_actions=a,
+                                                num_forced=n, continue_keys=c))
+  full = play(reset, sample, actions, nf, ckeys)
+  half = play(reset[::2], sample[::2], actions[::2], nf[::2], ckeys[::2])
+  np.testing.assert_array_equal(np.asarray(full.tokens)[::2], np.asarray(half.tokens))
+  # The forced first turn is the recording's, token for token, and is not a policy sample.
+  first = np.asarray(rec.turn) == 0
+  np.testing.assert_array_equal(np.asarray(full.tokens)[first], np.asarray(rec.tokens)[first])
+  assert not np.asarray(full.loss_mask)[first].any()
+
+
+def test_kv_cache_is_updated_in_place_in_the_compiled_loop():
+  """No copy of a cache-sized buffer in the compiled rollout beyond the initial zeros (2 per
+  layer): every decode step and reply chunk writes the per-layer caches in place. (Checked to
+  fail when an old cache value is kept alive across a step, which forces XLA to copy.)"""
+  env, env_params, cfg, params = setup("calculator")
+  cfg = dataclasses.replace(cfg, num_layers=2)
+  params = tf.init_params(cfg, jax.random.key(0))
+  config = dataclasses.replace(BASE, max_len=168)
+  hlo = jax.jit(R.make_rollout(env, cfg, config)).lower(
+      params, jax.random.key(1), env_params).compile().as_text()
+  shape = f"[{config.batch_size},{cfg.num_kv_heads},168,{cfg.head_dim}]"
+  copies = [l for l in hlo.splitlines() if shape in l and " copy(" in l]
+  assert any(shape in l for l in hlo.splitlines()), "the cache shape is in the program"
+  assert len(copies) <= 2 * cfg.num_layers, copies

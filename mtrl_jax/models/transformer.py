@@ -70,6 +70,9 @@ _NEG_INF = -1e9  # finite: a query with no visible key gets a uniform (not NaN) 
 ROPE_TYPES = ("default", "llama3")
 ATTENTIONS = ("blockwise", "dense")
 # What the backward pass saves of a block (jax.checkpoint policies); "none": no remat.
+# Depth up to which the training forward's layer scan is unrolled by default
+# (`ModelConfig.scan_unroll`).
+SCAN_UNROLL_MAX_LAYERS = 4
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -114,6 +117,12 @@ class ModelConfig:
       attended block by block up to the longest filled position.
     logits_chunk: positions per chunk when the learner scores tokens from hidden states
       (`mtrl_jax.policy.Policy.score_hidden`): the largest logits block is `[b, chunk, V]`.
+    scan_unroll: blocks of the full forward's layer scan run per loop trip (`nn.scan`'s
+      `unroll`); 0 (default): all of them when `num_layers <= SCAN_UNROLL_MAX_LAYERS`, else 1.
+      Unrolled, the backward pass no longer stacks and slices every layer's activations and
+      gradients (measured on 2 shared CPU cores, same process, repeats interleaved: the
+      quickstart's RL step 0.535 -> 0.458 s with the 2-layer tiny model, B=32); compile time
+      then grows with the unrolled depth, which is why deep models keep the rolled scan.
   """
 
   vocab_size: int
@@ -141,6 +150,7 @@ class ModelConfig:
   attn_block: int = 512
   decode_block: int = 256
   logits_chunk: int = 128
+  scan_unroll: int = 0
 
   def __post_init__(self):
     if isinstance(self.remat, (bool, np.bool_)):
@@ -154,6 +164,10 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+    if (not isinstance(self.scan_unroll, (int, np.integer)) or isinstance(self.scan_unroll, bool)
+        or self.scan_unroll < 0):
+      raise ValueError(f"ModelConfig.scan_unroll must be an integer >= 0, got "
+                       f"{self.scan_unroll!r}")
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or value <= 0:
@@ -186,6 +200,13 @@ class ModelConfig:
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of "
                          f"{sorted(_DTYPES)}")
+
+  @property
+  def layer_unroll(self) -> int:
+    """The `unroll` of the full forward's layer scan (see `scan_unroll`)."""
+    if self.scan_unroll:
+      return min(self.scan_unroll, self.num_layers)
+    return self.num_layers if self.num_layers <= SCAN_UNROLL_MAX_LAYERS else 1
 
   @property
   def jnp_dtype(self):
@@ -607,7 +628,8 @@ class Transformer(nn.Module):
         x, _ = Block(cfg, name=f"layers_{i}")(x, None, positions, key_mask)
     elif cache is None:
       layers = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers)
+                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                       unroll=cfg.layer_unroll)
       x, _ = layers(cfg, name="layers")(x, positions, key_mask)
     else:
       stacked = self.variables["params"]["layers"]["block"]

@@ -118,7 +118,11 @@ def resume(ckpt, template_for, step: int, workdir: str, resume_intact: bool):
 def main(argv, *, sft_only: bool = False):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  # Before anything touches a device: several processes form one set of devices.
+  # Before anything touches a device. On CPU (tests, simulated devices) one computation at a
+  # time: two in flight with collectives each can deadlock XLA's CPU runtime (tests/conftest.py);
+  # accelerators are not affected by this setting.
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  # Several processes form one set of devices.
   try:
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:

@@ -1,6 +1,6 @@
 """Test session set-up, before JAX starts.
 
-* 8 simulated CPU devices, for the sharding tests.
+* 8 simulated CPU devices, for the sharding tests, with synchronous dispatch (below).
 * CPU collectives that wait up to 15 minutes instead of 40 s (a loaded 2-core machine).
 * LLVM backend optimisation off: the suite compiles many small programs and runs each briefly,
   so compile time dominates; level 0 compiles ~3x faster. The HLO is the same, but the machine
@@ -25,6 +25,11 @@ os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_second
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# One computation at a time: with asynchronous dispatch, two jitted computations that both hold
+# collectives (e.g. the per-leaf checkpoint fingerprints, or a step and the next) can be in
+# flight at once and start their collectives in different orders on different devices, which
+# deadlocks XLA's CPU runtime (its collectives block until every participant arrives).
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def default_optimisation_env() -> dict:

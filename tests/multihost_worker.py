@@ -22,6 +22,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8 // num_processes)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.config.update("jax_cpu_enable_async_dispatch", False)  # tests/conftest.py says why
 if num_processes > 1:
   from mtrl_jax import sharding  # noqa: E402
   sharding.initialize_distributed(f"localhost:{port}", num_processes, process_id)

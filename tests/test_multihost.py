@@ -51,6 +51,21 @@ def test_two_processes_train_like_one_and_resume_exactly(tmp_path):
   assert float(one["metrics/0/train/grad_norm"]) > 0.1  # the steps moved the params
 
 
+def _cli_run(workdir):
+  """(args, env, completed process) of a short `experiments.train` run on a (2, 4, 1) mesh of 8
+  simulated devices (1 SFT step, 2 RL steps, a checkpoint every step)."""
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                                    + " --xla_force_host_platform_device_count=8"))
+  args = [sys.executable, "-m", "experiments.train", "--config", "configs/quickstart.py",
+          "--workdir", str(workdir), "--mesh", "data=2,fsdp=4,tensor=1",
+          "--config.sft.steps=1", "--config.train.steps=2", "--config.train.checkpoint_every=1",
+          "--config.train.keep_checkpoints=5", "--config.rollout.num_envs=16",
+          "--config.train.eval_envs=8", "--config.sft.batch_size=8", "--config.num_samples=1"]
+  first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+  assert first.returncode == 0, first.stderr[-3000:]
+  return args, env, first
+
+
 def test_cli_on_a_mesh_resumes_exactly(tmp_path):
   """`python -m experiments.train --mesh data=2,fsdp=4,tensor=1` on 8 simulated devices: the
   sharded checkpoints restore onto the mesh, and the steps after a resume repeat the metrics of
@@ -58,15 +73,7 @@ def test_cli_on_a_mesh_resumes_exactly(tmp_path):
   import shutil
 
   from mtrl_jax import metrics as metrics_lib
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                                    + " --xla_force_host_platform_device_count=8"))
-  args = [sys.executable, "-m", "experiments.train", "--config", "configs/quickstart.py",
-          "--workdir", str(tmp_path), "--mesh", "data=2,fsdp=4,tensor=1",
-          "--config.sft.steps=1", "--config.train.steps=2", "--config.train.checkpoint_every=1",
-          "--config.train.keep_checkpoints=5", "--config.rollout.num_envs=16",
-          "--config.train.eval_envs=8", "--config.sft.batch_size=8", "--config.num_samples=1"]
-  first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-  assert first.returncode == 0, first.stderr[-3000:]
+  args, env, first = _cli_run(tmp_path)
   assert "8 cpu device(s), mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in first.stdout
   strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
   before = strip(metrics_lib.read_metrics(tmp_path / "metrics.jsonl"))
@@ -89,15 +96,7 @@ def test_cli_two_processes_match_one(tmp_path):
   before checkpoint 2 is written), also with synchronous CPU dispatch; the worker-based test
   above, which saves and restores through the same Checkpointer, has not. Not resolved."""
   from mtrl_jax import metrics as metrics_lib
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                                    + " --xla_force_host_platform_device_count=8"))
-  args = [sys.executable, "-m", "experiments.train", "--config", "configs/quickstart.py",
-          "--workdir", str(tmp_path), "--mesh", "data=2,fsdp=4,tensor=1",
-          "--config.sft.steps=1", "--config.train.steps=2", "--config.train.checkpoint_every=1",
-          "--config.train.keep_checkpoints=5", "--config.rollout.num_envs=16",
-          "--config.train.eval_envs=8", "--config.sft.batch_size=8", "--config.num_samples=1"]
-  first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-  assert first.returncode == 0, first.stderr[-3000:]
+  args, env, first = _cli_run(tmp_path)
   strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
   before = strip(metrics_lib.read_metrics(tmp_path / "metrics.jsonl"))
   two = tmp_path / "two"

@@ -146,8 +146,8 @@ def main(argv, *, sft_only: bool = False):
     episodes = (f"{config.reflexion.train_trials} Reflexion trials x {episodes} (memory "
                 f"{config.reflexion.memory})")
   try:
-    settings = sharding.parse_mesh(_MESH.value) if _MESH.value else sharding.mesh_settings(config)
-    mesh = sharding.make_mesh(**settings, where="--mesh" if _MESH.value else "config.mesh")
+    mesh = (sharding.make_mesh(**sharding.parse_mesh(_MESH.value), where="--mesh")
+            if _MESH.value else sharding.mesh_from_config(config))
     # The state shardings, jitted steps with the state donated (its buffers are reused for the
     # new state, so a step does not hold two copies of params and optimizer state).
     steps = sharding.MeshSteps(trainer, mesh, vmap_seeds=seeds > 1,

@@ -44,7 +44,6 @@ from mtrl_jax import train as train_lib
 from mtrl_jax.models import partitioning
 from mtrl_jax.models.partitioning import AXES, BATCH, DATA, FSDP, TENSOR  # noqa: F401
 
-MESH_KEYS = AXES
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices=None,
@@ -97,9 +96,9 @@ def mesh_settings(config) -> dict[str, int]:
   if section is None:
     return out
   values = dict(section.items()) if hasattr(section, "items") else dict(section)
-  unknown = sorted(set(values) - set(MESH_KEYS))
+  unknown = sorted(set(values) - set(AXES))
   if unknown:
-    raise ValueError(f"config.mesh: unknown keys {unknown}; valid keys: {list(MESH_KEYS)}")
+    raise ValueError(f"config.mesh: unknown keys {unknown}; valid keys: {list(AXES)}")
   out.update(values)
   return out
 
@@ -277,9 +276,6 @@ def sharded_trainer(config, mesh):
   trainer = train_lib.Trainer(config)
   steps = MeshSteps(trainer, mesh)
   return trainer, steps.train_step
-
-
-DISTRIBUTED_ENV = ("MTRL_COORDINATOR", "MTRL_NUM_PROCESSES", "MTRL_PROCESS_ID")
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

@@ -236,14 +236,6 @@ def test_every_config_builds(name):
 # The mesh step (data / FSDP / tensor parallel) against the single-device step: test_mesh.py.
 
 
-def test_batch_not_divisible_by_devices_is_an_error():
-  from mtrl_jax import sharding
-  c = small_config()
-  c.rollout.num_envs = 6
-  with pytest.raises(ValueError, match="num_envs=6 is not divisible"):
-    sharding.sharded_trainer(c, sharding.data_mesh(4))
-
-
 def test_whole_run_as_one_function_equals_stepping():
   """`Trainer.train(key)` (SFT then RL, each one lax.scan) == the steps called one by one."""
   c = small_config()

@@ -45,6 +45,7 @@ are written in a background thread; the next `save`, `restore`, `wait` and `clos
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Mapping
@@ -142,27 +143,31 @@ def _words(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
-def _fingerprint(x: jax.Array) -> jax.Array:
-  """[2] uint32: two position-weighted sums of the array's words (mod 2^32).
+@functools.partial(jax.jit, static_argnums=2)
+def _block_fingerprint(x: jax.Array, offsets: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """[2] uint32: two position-weighted sums (mod 2^32) of the words of one block (e.g. a shard)
+  of an array of global `shape` whose first element sits at `offsets` ([x.ndim] uint32).
 
   A checksum against corruption, not a cryptographic hash: the weights are odd, so changing
   any single word always changes both sums, and other changes are caught with high
-  probability. Sums commute, so the result does not depend on the sharding.
+  probability. Sums commute: the blocks' sums add up to the whole array's, whatever the
+  sharding.
   """
   w = _words(x)
+  full = tuple(shape) + w.shape[x.ndim:]  # 64-bit and complex types add trailing word axes
   idx = jnp.zeros(w.shape, jnp.uint32)
   stride = 1
-  for d in reversed(range(w.ndim)):  # row-major linear index, wrapping mod 2^32
-    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % 2**32)
-    stride *= w.shape[d]
+  for d in reversed(range(w.ndim)):  # global row-major linear index, wrapping mod 2^32
+    pos = jax.lax.broadcasted_iota(jnp.uint32, w.shape, d)
+    if d < x.ndim:
+      pos = pos + offsets[d]
+    idx = idx + pos * jnp.uint32(stride % 2**32)
+    stride *= full[d]
   m1 = (idx * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)
   m2 = ((idx ^ jnp.uint32(0x85EBCA6B)) * jnp.uint32(0xC2B2AE35)) | jnp.uint32(1)
   h1 = jnp.sum(w * m1, dtype=jnp.uint32)
   h2 = jnp.sum((w ^ (w >> 16)) * m2, dtype=jnp.uint32)
   return jnp.stack([h1, h2])
-
-
-_fingerprint_jit = jax.jit(_fingerprint)
 
 
 def _on_device(x: Any) -> jax.Array:
@@ -176,19 +181,36 @@ def _on_device(x: Any) -> jax.Array:
   return jnp.asarray(a)
 
 
+def _local_blocks(x: jax.Array) -> list[jax.Array]:
+  """[2] uint32 sums of the blocks of `x` this process holds, each distinct block once (the
+  shards with replica id 0: over all processes, every element is counted exactly once)."""
+  out = []
+  for shard in x.addressable_shards:
+    if shard.replica_id == 0:
+      offsets = np.array([s.start or 0 for s in shard.index], np.uint32)
+      out.append(_block_fingerprint(shard.data, offsets, x.shape))
+  return out
+
+
 def fingerprints(tree: Any) -> dict[str, str]:
   """{leaf path: 16 hex digits} for every array leaf of `tree` (typed keys not allowed).
 
-  One compiled call per distinct leaf shape/dtype/sharding (leaves may live on different
-  devices), one device-to-host transfer for all of them.
+  Each shard is hashed on its own device (no collective inside a compiled computation: two
+  in one program can start in different orders on different CPU devices and deadlock XLA's
+  CPU runtime), the sums are added on the host, and several processes exchange theirs in one
+  all-gather. The result is that of the whole array on one device, whatever the sharding.
   """
   flat = ocp.tree.to_flat_dict(tree, sep="/")
-  hashes = [_fingerprint_jit(_on_device(v)) for v in flat.values()]
-  # A hash of an array sharded over several processes is replicated on all of them, and not
-  # fully addressable from any one: read this process's copy.
-  hashes = jax.device_get([h if h.is_fully_addressable else h.addressable_data(0)
-                           for h in hashes])
-  return {k: f"{int(h[0]):08x}{int(h[1]):08x}" for k, h in zip(flat, hashes)}
+  blocks = [_local_blocks(_on_device(v)) for v in flat.values()]
+  host = jax.device_get(blocks)
+  sums = np.array([np.sum(np.asarray(b, np.uint64).reshape(-1, 2), axis=0) for b in host],
+                  np.uint64).reshape(-1, 2)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    sums = np.asarray(multihost_utils.process_allgather(
+        (sums & 0xFFFFFFFF).astype(np.uint32))).astype(np.uint64).sum(axis=0)
+  sums &= 0xFFFFFFFF
+  return {k: f"{int(h[0]):08x}{int(h[1]):08x}" for k, h in zip(flat, sums)}
 
 
 # ----------------------------------------------------------------------------- helpers

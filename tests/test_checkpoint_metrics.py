@@ -323,6 +323,49 @@ def test_fingerprint_detects_single_bit_changes():
     assert ckpt_lib.fingerprints({"x": swapped}) != base
 
 
+def _reference_fingerprint(x) -> str:
+  """The checksum of `checkpoint._block_fingerprint` in plain NumPy over the whole host array."""
+  a = np.asarray(x)
+  if a.dtype.itemsize >= 4:
+    w = np.ascontiguousarray(a).view(np.uint32).reshape(-1)
+  else:
+    w = np.ascontiguousarray(a).view({1: np.uint8, 2: np.uint16}[a.dtype.itemsize]).reshape(-1)
+    w = w.astype(np.uint32)
+  idx = np.arange(w.size, dtype=np.uint32)
+  with np.errstate(over="ignore"):
+    m1 = (idx * np.uint32(0x9E3779B1) + np.uint32(0x7F4A7C15)) | np.uint32(1)
+    m2 = ((idx ^ np.uint32(0x85EBCA6B)) * np.uint32(0xC2B2AE35)) | np.uint32(1)
+    h1 = np.sum(w * m1, dtype=np.uint32)
+    h2 = np.sum((w ^ (w >> 16)) * m2, dtype=np.uint32)
+  return f"{int(h1):08x}{int(h2):08x}"
+
+
+def test_fingerprints_match_a_reference_whatever_the_sharding():
+  """Shard by shard on 8 simulated devices (split, replicated, partly replicated, uneven rows
+  of a 3-d array) the fingerprint is the plain whole-array checksum."""
+  mesh = jax.make_mesh((2, 4), ("a", "b"), devices=jax.devices()[:8])
+  x = jax.random.normal(jax.random.key(1), (8, 12, 3))
+  ints = jax.random.randint(jax.random.key(2), (16, 4), 0, 2**30, jnp.int32)
+  cases = {
+      "one_device": x,
+      "rows": jax.device_put(x, NamedSharding(mesh, P(("a", "b")))),
+      "rows_cols": jax.device_put(x, NamedSharding(mesh, P("a", "b"))),
+      "cols_replicated_over_a": jax.device_put(x, NamedSharding(mesh, P(None, "b"))),
+      "replicated": jax.device_put(x, NamedSharding(mesh, P())),
+      "bf16_last_axis": jax.device_put(ints.astype(jnp.bfloat16), NamedSharding(mesh, P("b"))),
+      "int32": jax.device_put(ints, NamedSharding(mesh, P("b", "a"))),
+      "scalar": jnp.int32(7),
+  }
+  got = ckpt_lib.fingerprints(cases)
+  for name, v in cases.items():
+    assert got[name] == _reference_fingerprint(jax.device_get(v)), name
+  assert len({got[k] for k in ("one_device", "rows", "rows_cols", "replicated")}) == 1
+  host = {"int64": np.arange(6, dtype=np.int64) * 2**40, "float": 0.1}
+  got = ckpt_lib.fingerprints(host)
+  assert got["int64"] == _reference_fingerprint(host["int64"])
+  assert got["float"] == _reference_fingerprint(np.float64(0.1))
+
+
 def test_meta_must_be_json(tmp_path):
   with Checkpointer(tmp_path, save_every=1, keep=1) as ck:
     with pytest.raises(TypeError, match="JSON"):

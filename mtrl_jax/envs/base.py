@@ -73,11 +73,15 @@ class EnvParams:
   """Dynamic parameters every environment has (subclass to add more).
 
   noise: [] probability per expert turn of a realistic mistake. format_penalty: reward
-  subtracted per error reply.
+  subtracted per error reply. habit_p: [] probability per episode that the expert follows its
+  environment's *habit* instead, a systematic suboptimal strategy (the environment's docstring
+  says which, and how often it succeeds); drawn at `reset` into `EnvState.habit`. With
+  `habit_p` > 0.5 the habit is the mode of the demonstrations, and of a policy fitted to them.
   """
 
   noise: float = 0.0
   format_penalty: float = 0.0
+  habit_p: float = 0.0
 
 
 @flax.struct.dataclass
@@ -86,6 +90,8 @@ class EnvState:
 
   turn: [] int32 agent turns taken. done: [] bool episode over. truncated: [] bool ended by the
   turn limit. success: [] bool task solved. num_tool_calls, format_errors: [] int32 counters.
+  habit: [] bool this episode's expert follows the habit (`EnvParams.habit_p`; only `expert`
+  reads it: the policy never sees it).
   """
 
   turn: jax.Array
@@ -94,13 +100,24 @@ class EnvState:
   success: jax.Array
   num_tool_calls: jax.Array
   format_errors: jax.Array
+  habit: jax.Array
 
 
 def initial_counters() -> dict[str, jax.Array]:
   """Keyword arguments for the `EnvState` base fields of a fresh episode."""
   return dict(turn=jnp.int32(0), done=jnp.bool_(False), truncated=jnp.bool_(False),
               success=jnp.bool_(False), num_tool_calls=jnp.int32(0),
-              format_errors=jnp.int32(0))
+              format_errors=jnp.int32(0), habit=jnp.bool_(False))
+
+
+# `reset` draws the episode's habit from its key folded with this (the subclass's `reset_env`
+# uses the key itself, so episodes are unchanged by the draw).
+_HABIT_SALT = 0x4AB17
+
+
+def draw_habit(key: jax.Array, params) -> jax.Array:
+  """[] bool: whether the episode reset with `key` is a habit episode (`params.habit_p`)."""
+  return jax.random.uniform(jax.random.fold_in(key, _HABIT_SALT)) < params.habit_p
 
 
 class Environment(abc.ABC):
@@ -182,7 +199,8 @@ class Environment(abc.ABC):
 
   @abc.abstractmethod
   def expert(self, key: jax.Array, state: EnvState, params) -> Action:
-    """The scripted demonstrator's next turn, [action_len] tokens; `params.noise` makes it err."""
+    """The scripted demonstrator's next turn, [action_len] tokens; `params.noise` makes it err
+    per turn, and in a habit episode (`state.habit`) it follows the environment's habit."""
 
   def extra_info(self, state: EnvState) -> dict[str, jax.Array]:
     """Environment-specific scalar metrics added to `info` (override)."""
@@ -198,7 +216,10 @@ class Environment(abc.ABC):
   # --- the public, shared part ------------------------------------------------------------
   def reset(self, key: jax.Array, params=None) -> tuple[EnvState, Observation]:
     params = self.default_params if params is None else params
-    return self.reset_env(key, params)
+    state, obs = self.reset_env(key, params)
+    if isinstance(params, EnvParams):  # (a wrapper's own params, e.g. Reflexion's memory: none)
+      state = state.replace(habit=draw_habit(key, params))
+    return state, obs
 
   def step(self, key: jax.Array, state: EnvState, action: Action, params=None
            ) -> tuple[EnvState, Observation, jax.Array, jax.Array, dict[str, jax.Array]]:

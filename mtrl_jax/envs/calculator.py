@@ -36,8 +36,12 @@ instead makes one mistake, uniformly among:
     answers that wrong result); *unclosed* - forget `</call>` (error reply, it retries);
   * once it has a result: forget `</answer>` (error reply, it retries).
 
+Habit (`params.habit_p`, per episode): the expert never calls the tool and answers its no-tool
+guess at once (the *guess* above: right ~1% of the time); with `noise` it may forget
+`</answer>` and retry with a new guess.
+
 Difficulty knobs (constructor, static): `num_digits`, `num_operands`, `operators`, `max_turns`,
-`max_tool_operands`. EnvParams (dynamic): `noise`, `format_penalty`.
+`max_tool_operands`. EnvParams (dynamic): `noise`, `habit_p`, `format_penalty`.
 """
 
 from __future__ import annotations
@@ -244,11 +248,11 @@ class Calculator(base.Environment):
     typo_q = q.at[at].set(jnp.asarray(self._digit_ids)[new])
 
     have = state.have_result
-    answers = have | (mistake & (kind == 0))
+    answers = have | state.habit | (mistake & (kind == 0))
     call = self.call_action(jnp.where(mistake & (kind == 1), typo_q, q),
                             closed=~(mistake & (kind == 2)))
     answer = self.answer_action(jnp.where(have, state.last_result, self.estimate(bits[2], state)),
-                                closed=~(have & mistake))
+                                closed=~((have | state.habit) & mistake))
     return jax.tree.map(lambda a, c: jnp.where(answers, a, c), answer, call)
 
   def extra_info(self, state):

@@ -118,7 +118,7 @@ def _check_params_class(who: str, params_cls: Any) -> None:
     raise EnvContractError(f"{who}.Params must be a flax.struct.dataclass (subclass "
                            f"mtrl_jax.envs.base.EnvParams), got {params_cls!r}")
   fields = {f.name for f in dataclasses.fields(params_cls)}
-  lacking = [f for f in ("noise", "format_penalty") if f not in fields]
+  lacking = [f for f in ("noise", "format_penalty", "habit_p") if f not in fields]
   if lacking:
     raise EnvContractError(f"{who}.Params ({params_cls.__name__}) lacks the EnvParams "
                            f"field(s) {lacking}: subclass mtrl_jax.envs.base.EnvParams")

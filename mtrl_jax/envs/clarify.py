@@ -36,11 +36,18 @@ right and the unknown ones guessed uniformly; *unclosed* - the same guess withou
 (error reply, episode goes on). Once everything is known its only mistake is forgetting
 `</answer>`.
 
+Habit (`params.habit_p`, per episode): the expert never asks - it answers at once with the
+constraints the first message told and a uniform guess for the others (a *premature answer*):
+right with probability `num_values ** -(k - 1)` (1/16 at the defaults, 0.06 measured;
+`num_asks` is 0 and `premature` is set). With `fully_specified=True` there is nothing to ask
+and the habit is the expert. With `noise` it may forget `</answer>` (error reply, it retries
+with a new guess).
+
 Info extras: `num_asks`, `first_turn_ask` (the first agent turn was `<ask>`), `answered`,
 `premature` (answered before all constraints were told), `constraints_known`.
 
 Knobs (constructor, static): `num_attributes`, `num_values`, `fully_specified`, `max_turns`.
-EnvParams (dynamic): `noise`, `ask_cost`, `format_penalty`.
+EnvParams (dynamic): `noise`, `habit_p`, `ask_cost`, `format_penalty`.
 """
 
 from __future__ import annotations
@@ -233,7 +240,8 @@ class Clarify(base.Environment):
     options = [self.ask_action(), self.answer_action(guess),
                self.answer_action(guess, closed=False)]
     all_known = state.told >= k
-    index = jnp.where(all_known, jnp.where(mistake, 2, 1), jnp.where(mistake, 1 + kind, 0))
+    answers = all_known | state.habit  # habit: answer without asking (what it knows + guesses)
+    index = jnp.where(answers, jnp.where(mistake, 2, 1), jnp.where(mistake, 1 + kind, 0))
     return T.choose_action(index, options)
 
   def extra_info(self, state):

@@ -71,14 +71,22 @@ With probability `params.noise` per turn it instead makes one mistake, uniformly
 run shows it, and it repairs); *extra run* - runs again (a repeated action when it just ran);
 *unclosed* - its intended call without `</call>` (error reply, it retries).
 
+Habit (`params.habit_p`, per episode): the expert never runs the tests. It views the whole
+program, then edits `num_bugs` lines, each drawn uniformly (without a run nothing it sees names
+the faulty line), to their reference instruction (a no-op edit when the line was right), and
+submits unverified: `view`, edit per bug, `submit` (`num_bugs` + 2 turns, `runs` 0). It
+succeeds when its guesses cover the bugs: 1 / num_lines with one bug (1/4 at the defaults,
+0.25 measured), 2 / num_lines**2 with two (0.13 measured at L = 4). With `noise` its mistakes
+are the expert's, with *extra run* replaced by an extra view (it never runs).
+
 Info extras: `tests_passed` (hidden tests the current program passes), `bugs_left` (lines that
 differ from the reference), `runs`, `views`, `edits`, `noop_edits` (edits that write the
 instruction already there - re-applying a fix that did not work), `loops` (turns whose action
 repeats the previous turn's exactly), `submitted`.
 
 Knobs. Constructor (static): `num_lines`, `num_bugs`, `num_tests`, `bug_kind`, `max_turns`
-(default 3 * num_bugs + 4). Params (dynamic): `noise`, `format_penalty`, `report_line`,
-`turn_penalty`, `penalty_start`.
+(default 3 * num_bugs + 4). Params (dynamic): `noise`, `habit_p`, `format_penalty`,
+`report_line`, `turn_penalty`, `penalty_start`.
 """
 
 from __future__ import annotations
@@ -431,6 +439,7 @@ class Fix(base.Environment):
     kind = T.below(bits[1], 4)  # 0 premature submit, 1 wrong edit, 2 extra run, 3 unclosed
     n_fail, _, line, _, _, _, _ = self.diagnose(state)
     line = jnp.where(n_fail > 0, line, T.below(bits[2], L))
+    line = jnp.where(state.habit, T.below(bits[2], L), line)  # the habit guesses (no run)
     ref_op, ref_arg = state.ref_ops[line], state.ref_args[line]
     # A wrong instruction for the line: the reference with its op and/or operand changed.
     w_op = (ref_op + T.below(bits[3], 3)) % 3
@@ -439,12 +448,16 @@ class Fix(base.Environment):
     # 0 run, 1 submit, 2 view line, 3 edit line (right), 4 edit line (wrong)
     intended = jnp.where(state.stale, 0, jnp.where(n_fail == 0, 1,
                                                    jnp.where(state.viewed[line], 3, 2)))
+    # Habit (never runs): 5 view every line, then edit a guessed line per bug, then submit.
+    habit_intended = jnp.where(state.views == 0, 5, jnp.where(state.edits < self.num_bugs, 3, 1))
+    intended = jnp.where(state.habit, habit_intended, intended)
     choice = jnp.where(mistake, jnp.select([kind == 0, kind == 1, kind == 2],
-                                           [1, 4, 0], intended), intended)
+                                           [1, 4, jnp.where(state.habit, 5, 0)], intended),
+                       intended)
     closed = ~(mistake & (kind == 3))
     options = [self.call_action(TOOL_RUN, [], closed), self.call_action(TOOL_SUBMIT, [], closed),
                self.view_action(line, closed), self.edit_action(line, ref_op, ref_arg, closed),
-               self.edit_action(line, w_op, w_arg, closed)]
+               self.edit_action(line, w_op, w_arg, closed), self.view_action(None, closed)]
     return T.choose_action(choice, options)
 
   def _fail_line(self, n_fail, line, got, want) -> jax.Array:

@@ -68,12 +68,20 @@ single-shot mode the expert is privileged - it knows the dialect even when the u
 not show it (49% of episodes at the defaults), where a policy can only guess: a single query's
 success is bounded near 0.75, which is what refinement (`multi_turn`) recovers.
 
+Habit (`params.habit_p`, per episode): the expert does not reformulate - it answers at once
+with the user's own words as the query (the *raw* mistake, every turn; in multi-turn mode
+without searching), so its `ndcg` / `recall` are `raw_ndcg` / `raw_recall`. A user wording is
+in no document, so the query ranks perfectly mostly when the user used the catalog's words for
+every value: 0.12 measured at the defaults (`synonym_prob` 0.7, need 2; ~(1 -
+synonym_prob)**need plus luck; mean NDCG@k 0.41). With `noise` it may forget `</answer>`
+(error reply; it retries if turns are left).
+
 Info extras: `ndcg`, `recall` (of the answered query; 0 before), `raw_ndcg`, `raw_recall`,
 `refinements` (search calls), `answered`, `num_relevant`, `query_terms`.
 
 Knobs. Constructor (static): `num_items`, `num_attributes`, `num_values`, `num_forms`,
 `need`, `k`, `max_query_terms`, `multi_turn`, `max_turns`. Params (dynamic): `noise`,
-`format_penalty`, `synonym_prob`, `ndcg_weight`, `recall_weight`, `format_bonus`,
+`habit_p`, `format_penalty`, `synonym_prob`, `ndcg_weight`, `recall_weight`, `format_bonus`,
 `raw_query`, `k1`, `b`, `epsilon`.
 """
 
@@ -496,6 +504,9 @@ class Retrieval(base.Environment):
                         jnp.where(mistake, jnp.asarray([1, 2, 3])[kind], 0))
     else:
       index = jnp.where(mistake, jnp.asarray([1, 2, 3])[kind], 0)
+    # Habit: the user's raw text as the query, at once (unclosed with noise).
+    options.append(self.answer_action(state.user, closed=False))
+    index = jnp.where(state.habit, jnp.where(mistake, len(options) - 1, 1), index)
     return T.choose_action(index, options)
 
   def extra_info(self, state):

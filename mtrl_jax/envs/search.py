@@ -49,6 +49,14 @@ searched (a random value if none); *typo* - search a wrong entity (uniform among
 *unclosed* - forget `</call>` (error reply, retries). Once it knows the answer its only mistake
 is forgetting `</answer>`.
 
+Habit (`params.habit_p`, per episode): the expert stops one hop short - it searches x0 ..
+x_{h-2} and then answers the asked attribute of x_{h-2}, the last entity it has searched (a
+random value if h = 1), as if that entity were the answer: right with probability ~1 /
+num_values (0.12 measured at the defaults; `hops_found` and `num_tool_calls` are h - 1). With
+`noise` it makes the expert's mistakes on the way (stop even earlier, typo, unclosed) and may
+forget `</answer>` on its answer (error reply, it retries). Its think block (`think_len`) is
+the expert's, over the chain entities it has found.
+
 Verbose thinking (`think_len = N > 0`, default 0 = none). Every expert turn then starts with a
 think block of exactly N content tokens, `<think> c_1 .. c_N </think>`, before its call or answer
 (the turn grammar skips a leading think block, so the environment's answers are unchanged). The
@@ -64,7 +72,8 @@ mistakes and their probabilities are the same as without it (same random bits).
 `action_len = 5 + (N + 2 if N else 0)`.
 
 Knobs (constructor, static): `hops`, `num_entities`, `num_relations`, `num_attributes`,
-`num_values`, `max_turns`, `think_len`. EnvParams (dynamic): `noise`, `format_penalty`.
+`num_values`, `max_turns`, `think_len`. EnvParams (dynamic): `noise`, `habit_p`,
+`format_penalty`.
 """
 
 from __future__ import annotations
@@ -304,8 +313,11 @@ class Search(base.Environment):
     options = [self.search_action(target), self.answer_action(state.answer),        # 0, 1
                self.answer_action(state.qattr * NV + early),                       # 2: early
                self.search_action(wrong), self.search_action(target, closed=False),  # 3, 4
-               self.answer_action(state.answer, closed=False)]                     # 5
+               self.answer_action(state.answer, closed=False),                     # 5
+               self.answer_action(state.qattr * NV + early, closed=False)]         # 6
     index = jnp.where(found >= H, jnp.where(mistake, 5, 1), jnp.where(mistake, 2 + kind, 0))
+    # Habit: one hop short, answer the last searched entity's attribute (`early`).
+    index = jnp.where(state.habit & (found >= H - 1), jnp.where(mistake, 6, 2), index)
     action = T.choose_action(index, options)
     if not self.think_len:
       return action

@@ -97,7 +97,7 @@ class Clash(Small):
     (NoExpert, r"NoExpert does not implement expert"),
     (DictParams, r"DictParams.Params must be a flax.struct.dataclass"),
     (ParamsWithoutNoise, r"ParamsWithoutNoise.Params \(NoNoise\) lacks the EnvParams field\(s\) "
-                         r"\['noise'\]"),
+                         r"\['noise', 'habit_p'\]"),
     (NoDefault, r"NoDefault.__init__ argument 'num_digits' has no default"),
     (Clash, r"Clash: \['num_digits'\] are both constructor arguments and fields of "
             r"ClashParams"),
@@ -251,7 +251,8 @@ def test_registry_makes_an_environment_from_an_import_path():
   assert type(env).__qualname__ == "Small" and env.num_digits == 2
   assert params.format_penalty == 0.5
   assert registry.accepted_overrides("tests.test_check_env:Small") == (
-      ["num_digits", "num_operands", "max_turns", "vocab"], ["noise", "format_penalty"])
+      ["num_digits", "num_operands", "max_turns", "vocab"], ["noise", "format_penalty",
+                                                              "habit_p"])
   with pytest.raises(ValueError, match=r"cannot import 'tests.no_such_module'.*importable"):
     registry.make("tests.no_such_module:Env")
   with pytest.raises(ValueError, match=r"module 'tests.test_check_env' has no 'Smal'; "

@@ -12,6 +12,6 @@ def to_grpo(config, num_envs: int = 8, group_size: int = 4):
 
 
 def get_config():
-  config = to_grpo(quickstart.get_config())
+  config = to_grpo(quickstart.base_config())
   config.train.steps = 200
   return config

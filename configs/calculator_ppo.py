@@ -4,6 +4,6 @@ from configs import quickstart
 
 
 def get_config():
-  config = quickstart.get_config()
+  config = quickstart.base_config()
   config.train.steps = 200
   return config

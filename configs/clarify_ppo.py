@@ -5,7 +5,7 @@ from configs import quickstart
 
 
 def get_config():
-  config = quickstart.get_config()
+  config = quickstart.base_config()
   config.env = dict(name="clarify", num_attributes=3, fully_specified=False, noise=0.0)
   config.rollout.max_len = 96
   config.rollout.turn_budget = 10

@@ -14,7 +14,7 @@ from configs import quickstart
 
 
 def get_config():
-  config = quickstart.get_config()
+  config = quickstart.base_config()
   config.env = dict(name="fix", num_lines=4, num_bugs=1, bug_kind="mixed", noise=0.0,
                     report_line=True, turn_penalty=0.0)
   # An expert episode is ~60 tokens; the budget check needs prompt + max_turns * (longest

@@ -28,7 +28,7 @@ from configs import quickstart
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = quickstart.get_config()
+  config = quickstart.base_config()
   checkpoint = ml_collections.FieldReference("", field_type=str)
   config.env = ml_collections.ConfigDict(dict(
       name="json_tool",

@@ -24,7 +24,7 @@ from configs.calculator_grpo import to_grpo
 
 
 def get_config():
-  config = quickstart.get_config()
+  config = quickstart.base_config()
   config.env = dict(name="retrieval", num_items=48, num_attributes=3, num_values=6,
                     num_forms=2, need=2, k=10, multi_turn=False, noise=0.0,
                     ndcg_weight=1.0, recall_weight=0.0)

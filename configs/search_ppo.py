@@ -4,7 +4,7 @@ from configs import quickstart
 
 
 def get_config():
-  config = quickstart.get_config()
+  config = quickstart.base_config()
   config.env = dict(name="search", hops=2, noise=0.0)
   config.rollout.max_len = 128
   config.rollout.turn_budget = 12

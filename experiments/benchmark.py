@@ -56,7 +56,8 @@ CPU devices where there is no accelerator) and `--mesh`, the step is compiled pa
 mesh (`mtrl_jax.sharding`) and the figures are per device. `compile`: compile seconds and
 HLO instruction count of the same step at several depths.
 
-`train`: the quickstart's full jitted train step (rollout, scoring, PPO updates): RL
+`train`: the full jitted train step of `configs/quickstart.base_config` (three-operand
+calculator; rollout, scoring, PPO updates): RL
 episodes/s, sampled tokens/s and approximate model FLOP/s as a fraction of a measured f32
 matmul peak, for each model preset and each `--num-envs` (episodes/s vs batch size); then the
 tiny model vmapped over several seeds (compare `step_s` with 1 seed; `--seeds` alone skips it).
@@ -545,17 +546,17 @@ def matmul_peak(n: int = 1024, iters: int = 20) -> float:
 
 
 def bench_train(preset: str, num_envs: int, repeats: int, seeds: int, peak: float) -> dict:
-  """Tokens/s and approximate model FLOP/s of the full jitted train step (quickstart config).
+  """Tokens/s and approximate model FLOP/s of the full jitted train step (base config).
 
   FLOPs are counted analytically from the parameter count P (attention scores excluded):
   rollout 2*P per decoded token slot (every live row decodes once per loop iteration, over
   at most T - prompt iterations), one scoring forward 2*P*B*T, and `epochs` updates of
   6*P*B*T. With several seeds the step is vmapped over seeds.
   """
-  from configs.quickstart import get_config
+  from configs.quickstart import base_config
   from mtrl_jax import train as train_lib
 
-  config = get_config()
+  config = base_config()
   config.model.preset = preset
   config.rollout.num_envs = num_envs
   trainer = train_lib.make_train(config)
@@ -603,11 +604,11 @@ def cmd_train(args) -> int:
 
 def real_shape_config(model: str, batch: int, max_len: int, minibatches: int, *,
                       layers: int | None = None, kl_coef: float = 0.0, **model_fields):
-  """The quickstart config (calculator, PPO with the turn-level critic) on a real model shape
+  """The base config (calculator, PPO with the turn-level critic) on a real model shape
   (`transformer.REAL_SHAPES`), `batch` episodes of `max_len` tokens, `minibatches` updates per
   epoch, rematerialised blocks; `layers` overrides the depth."""
-  from configs.quickstart import get_config
-  config = get_config()
+  from configs.quickstart import base_config
+  config = base_config()
   config.model = dict(preset=model, remat="full", **model_fields)
   if layers is not None:
     config.model["num_layers"] = layers

@@ -113,7 +113,7 @@ def _think_budget_arms(env: tuple[str, ...] = (), context: int | None = None,
 EXPERIMENTS: dict[str, list[Arm]] = {
     # 1. Multi-turn RL improves tool use: SFT only vs SFT + PPO (turn-level critic) vs SFT + GRPO.
     "tool_use": [
-        _warm_start("calculator_sft", "configs/quickstart.py"),
+        _warm_start("calculator_sft", "configs/calculator_ppo.py"),
         _rl("calculator_ppo", "configs/calculator_ppo.py", "calculator_sft"),
         _rl("calculator_grpo", "configs/calculator_grpo.py", "calculator_sft"),
         _warm_start("search2_sft", "configs/search_ppo.py"),

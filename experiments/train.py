@@ -11,8 +11,9 @@ the work directory (default `runs/<config name>`):
   `keep_checkpoints`), at the end of SFT (always kept) and at the end; rerunning the same
   command resumes from the latest one, exactly; `mtrl_jax.runs.load_run(workdir, step)` loads
   one in Python;
-* `samples.txt` - conversations of the final policy (`▶` sampled tokens, in the loss; `│`
-  prompt, tool replies and forced tokens, masked);
+* `samples.txt` - greedy conversations of the warm start (the end of SFT) and of the final
+  policy on the same episodes (`▶` sampled tokens, in the loss; `│` prompt, tool replies and
+  forced tokens, masked);
 * `learning_curves.png`.
 
 With `config.train.num_seeds > 1` every step is `jax.vmap`-ed over seeds (the PureJaxRL idiom):
@@ -187,7 +188,8 @@ def main(argv, *, sft_only: bool = False):
     # The state switched to the RL optimizer at step == sft_steps.
     template_for = lambda s: start_rl(init(seed_keys)) if s >= sft_steps else init(seed_keys)
     state, meta, step = resume(ckpt, template_for, step, workdir, _RESUME_INTACT.value)
-    print(f"resumed from step {step} ({meta.get('phase')})")
+    if lead:
+      print(f"resumed from step {step} ({meta.get('phase')})")
   elif config.init_from:
     state = cli.init_from_run(config.init_from, init, start_rl, seed_keys)
   else:
@@ -254,12 +256,28 @@ def main(argv, *, sft_only: bool = False):
                                      jax.random.key(config.seed + 2), trainer.env_params),
       mesh, in_shardings=(steps.rl_state_shardings.params["policy"],),
       out_shardings=sharding.replicated(mesh))
-  traj = sharding.to_host(eval_rollout(state.params["policy"]))
+
+  def conversations(params):
+    traj = sharding.to_host(eval_rollout(params["policy"]))
+    return [V.render_trajectory(traj, env.vocab, row)
+            for row in range(min(int(config.num_samples), traj.batch_size))]
+
+  samples = conversations(state.params)
+  # The same episodes played by the warm start: the end of SFT is always kept.
+  before = None
+  if sft_steps and rl_steps:
+    try:
+      before = conversations(ckpt.restore(start_rl(init(seed_keys)), sft_steps)[0].params)
+    except ckpt_lib.CheckpointError as e:  # e.g. moved away by hand: the final ones only
+      print(f"warning: no warm-start conversations in samples.txt: {e}", file=sys.stderr)
+  ckpt.close()
   if not lead:
     return
-  samples = [V.render_trajectory(traj, env.vocab, row)
-             for row in range(min(int(config.num_samples), traj.batch_size))]
   with open(os.path.join(workdir, "samples.txt"), "w") as f:
+    if before:
+      f.write(f"# the warm start (step {sft_steps}, end of SFT), greedy\n\n"
+              + "\n\n".join(before) + f"\n\n# the final policy (step {step}), greedy, the "
+              "same episodes\n\n")
     f.write("\n\n".join(samples) + "\n")
   png = metrics_lib.plot_learning_curves(os.path.join(workdir, "metrics.jsonl"),
                                          os.path.join(workdir, "learning_curves.png"),
@@ -267,8 +285,10 @@ def main(argv, *, sft_only: bool = False):
   final = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   evals = [r for r in final if r.get("eval/success_rate") is not None]
   if evals:
-    print(f"eval success: warm start {evals[0]['eval/success_rate']:.2f} -> final "
-          f"{evals[-1]['eval/success_rate']:.2f} (greedy, {config.train.eval_envs} episodes)")
+    ci = lambda r: (f"{r['eval/success_rate']:.2f} +- {1.96 * r['eval/success_se']:.2f}"
+                    if r.get("eval/success_se") is not None else f"{r['eval/success_rate']:.2f}")
+    print(f"eval success: warm start {ci(evals[0])} -> final {ci(evals[-1])} (greedy, "
+          f"{config.train.eval_envs} fixed episodes, +- 95% CI)")
   print(f"samples: {os.path.join(workdir, 'samples.txt')}; curves: {png}")
   print(samples[0])
 

@@ -51,6 +51,7 @@ def build_env(section: Mapping[str, Any]) -> tuple[envs_base.Environment, Any]:
   # The parameters every environment shares (envs.base.EnvParams), range-checked here.
   if isinstance(params, envs_base.EnvParams):
     Checks(params, "env").number("noise", 0.0, 1.0)
+    Checks(params, "env").number("habit_p", 0.0, 1.0)
     Checks(params, "env").number("format_penalty", 0.0)
   return env, params
 
@@ -135,8 +136,9 @@ def _rollout(env, model_config, rollout_config) -> rollout_lib.Rollout:
 class OptimConfig:
   """`config.optim`: the RL optimizer (AdamW with global-norm clipping, linear warm-up).
 
-  lr: peak learning rate (> 0); warmup: steps of linear warm-up from 0 (>= 0; 0 = the full
-  rate from the first step); b1, b2: Adam
+  lr: peak learning rate (> 0); warmup: optimizer updates of linear warm-up (>= 0): update
+  i (from 0) uses lr * min(1, (i + 1) / (warmup + 1)), so the first update already moves the
+  params (at lr / (warmup + 1)); 0 = the full rate from the first update; b1, b2: Adam
   moments' decay in [0, 1); grad_clip: global-norm clip (> 0); weight_decay: >= 0 (also used by
   the SFT optimizer, with `config.sft.lr`); moments_dtype: "float32" keeps Adam's moments in
   float32 whatever `model.param_dtype` is (`f32_moments`), "param" keeps them in the params'
@@ -166,13 +168,17 @@ class SFTConfig:
   """`config.sft`: the supervised warm start.
 
   steps: SFT steps (>= 0; 0 = none); batch_size: demonstrations per step (>= 1); lr: > 0;
-  noise: the demonstrator's per-turn mistake rate in [0, 1]; data_dir, dataset: a TFDS
-  demonstration dataset to read instead of generating demonstrations ('' = generate)."""
+  noise: the demonstrator's per-turn mistake rate in [0, 1]; habit_p: the probability in
+  [0, 1] that a demonstration follows the environment's habit, a systematic suboptimal
+  strategy (`EnvParams.habit_p`; > 0.5 makes the habit the warm start's greedy mode);
+  data_dir, dataset: a TFDS demonstration dataset to read instead of generating
+  demonstrations ('' = generate)."""
 
   steps: int = 300
   batch_size: int = 32
   lr: float = 1e-3
   noise: float = 0.3
+  habit_p: float = 0.0
   data_dir: str = ""
   dataset: str = ""
 
@@ -182,6 +188,7 @@ class SFTConfig:
     c.integer("batch_size", 1)
     c.number("lr", 0.0, low_open=True)
     c.number("noise", 0.0, 1.0)
+    c.number("habit_p", 0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,12 +196,14 @@ class TrainConfig:
   """`config.train`: the RL run.
 
   steps: RL steps (>= 0); eval_every: RL steps between greedy evaluations (>= 1); eval_envs:
-  evaluation episodes (>= 1); log_every, checkpoint_every: steps (>= 1); keep_checkpoints:
-  checkpoints kept (>= 1); num_seeds: seeds trained at once by vmap (>= 1)."""
+  evaluation episodes (>= 1; the same fixed episodes every time; 256 by default, so that the
+  success rate's standard error, logged as `eval/success_se`, is <= 0.031); log_every,
+  checkpoint_every: steps (>= 1); keep_checkpoints: checkpoints kept (>= 1); num_seeds: seeds
+  trained at once by vmap (>= 1)."""
 
   steps: int = 160
   eval_every: int = 20
-  eval_envs: int = 64
+  eval_envs: int = 256
   log_every: int = 1
   checkpoint_every: int = 40
   keep_checkpoints: int = 2
@@ -206,6 +215,19 @@ class TrainConfig:
     for name in ("eval_every", "eval_envs", "log_every", "checkpoint_every", "keep_checkpoints",
                  "num_seeds"):
       c.integer(name, 1)
+
+
+def warmup_schedule(lr: float, warmup: int) -> optax.Schedule:
+  """Linear warm-up that never gives 0: update i (counted from 0) uses
+  lr * min(1, (i + 1) / (warmup + 1)); `warmup = 0` is the constant `lr`."""
+  if not warmup:
+    return optax.constant_schedule(lr)
+  return lambda count: lr * jnp.minimum(1.0, (count + 1.0) / (warmup + 1.0))
+
+
+def success_se(rate: jax.Array, n: int) -> jax.Array:
+  """[] f32 binomial standard error of a success rate over n episodes: sqrt(p (1 - p) / n)."""
+  return jnp.sqrt(rate * (1.0 - rate) / n).astype(jnp.float32)
 
 
 def f32_moments(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -310,7 +332,7 @@ class Trainer:
                             greedy=True))
     self.policy = self.rollout.policy
     self.learner = self.policy.learner()
-    self.demo_params = self.env_params.replace(noise=self.sft.noise)
+    self.demo_params = self.env_params.replace(noise=self.sft.noise, habit_p=self.sft.habit_p)
     need = envs_demos.required_len(self.env)
     if self.sft.steps and need > rc.max_len:
       raise ValueError(f"config.rollout.max_len={rc.max_len} cannot hold an "
@@ -319,10 +341,8 @@ class Trainer:
     wrap = f32_moments if optim.moments_dtype == "float32" else (lambda opt: opt)
     self.sft_opt = wrap(optax.chain(optax.clip_by_global_norm(optim.grad_clip),
                                     optax.adamw(self.sft.lr, weight_decay=optim.weight_decay)))
-    # warmup = w > 0: lr 0 at RL step 0 rising to `lr` at step w; warmup = 0: `lr` from step 0
-    # (linear_schedule(0, lr, 1) would make the first step a no-op).
-    schedule = (optax.linear_schedule(0.0, optim.lr, optim.warmup) if optim.warmup
-                else optax.constant_schedule(optim.lr))
+    # Never 0: with optax.linear_schedule(0, lr, w) the first RL update was a no-op.
+    schedule = warmup_schedule(optim.lr, optim.warmup)
     self.rl_opt = wrap(optax.chain(optax.clip_by_global_norm(optim.grad_clip),
                                    optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
                                                weight_decay=optim.weight_decay)))
@@ -489,9 +509,10 @@ class Trainer:
     return out
 
   def evaluate(self, params, key):
-    """Greedy rollouts of `train.eval_envs` episodes: success, return, tool calls, turns,
-    truncation, and the mean of every other numeric `info` entry of the environment (e.g.
-    clarify's `num_asks`, `first_turn_ask`) as `eval/<name>`."""
+    """Greedy rollouts of `train.eval_envs` episodes: success (with its binomial standard
+    error `eval/success_se` = sqrt(p (1 - p) / n)), return, tool calls, turns, truncation, and
+    the mean of every other numeric `info` entry of the environment (e.g. clarify's
+    `num_asks`, `first_turn_ask`) as `eval/<name>`."""
     rc = self.eval_rollout.config
     reset_keys, sample_keys = rollout_lib.rollout_keys(key, rc.num_envs, rc.group_size)
     rows = lambda p, r, s: self.eval_rollout.rows(p, r, s, self.env_params)
@@ -502,6 +523,7 @@ class Trainer:
            if v.ndim == 1 and k not in ("success", "num_tool_calls")}
     out.update({
         "eval/success_rate": mean(info["success"]),
+        "eval/success_se": success_se(mean(info["success"]), info["success"].shape[0]),
         "eval/return": jnp.mean(traj.returns),
         "eval/tool_calls": mean(info["num_tool_calls"]),
         "eval/turns": mean(jnp.sum(traj.turn_valid, axis=1)),

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from configs.quickstart import get_config  # noqa: E402
+from configs.quickstart import base_config  # noqa: E402
 from mtrl_jax import checkpoint as ckpt_lib  # noqa: E402
 from mtrl_jax import sharding  # noqa: E402
 from mtrl_jax import train as train_lib  # noqa: E402
@@ -39,7 +39,7 @@ from mtrl_jax import train as train_lib  # noqa: E402
 
 def main():
   assert jax.device_count() == 8 and jax.process_count() == num_processes
-  c = get_config()
+  c = base_config()
   c.model.preset = "tiny"
   c.rollout.num_envs, c.rollout.group_size = 16, 1
   c.env.format_penalty = 0.1  # returns differ from the critic's 0: gradients that are not 0

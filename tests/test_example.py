@@ -125,7 +125,7 @@ def _console(name: str) -> str:
     # A shipped config by its repository path from another folder; any declared override is a
     # key of config.env, an unknown one is named with the valid keys.
     (["--config", "configs/quickstart.py", "--config.env.formt_penalty=0.1"],
-     r"config.env has no 'formt_penalty'; valid keys there: \['format_penalty', "
+     r"config.env has no 'formt_penalty'; valid keys there: \['format_penalty', 'habit_p', "
      r"'max_tool_operands', 'max_turns', 'name', 'noise', 'num_digits', 'num_operands', "
      r"'operators'\]"),
     # --config.env.name switches the environment whose overrides config.env accepts.

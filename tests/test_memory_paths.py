@@ -104,7 +104,7 @@ def test_chunked_scoring_equals_full_logits(tie, chunk):
 def test_trainer_forward_and_reference_equal_the_full_computation():
   """The learner's scoring in the train step (policy, values, KL reference) is the chunked
   path, and it equals full logits."""
-  c = quickstart.get_config()
+  c = quickstart.base_config()
   c.model.logits_chunk = 16
   c.algo.kl_coef = 0.1
   tr = train_lib.make_train(c)
@@ -235,7 +235,7 @@ def test_train_step_holds_no_full_vocabulary_or_attention_tensor():
   """The whole RL step (rollout with prefill, scoring forward, reference, PPO updates): no
   value has the vocabulary axis next to more than `logits_chunk` positions (prefill logits
   only at the last prompt position), and none is a [.., T, T] attention matrix."""
-  c = quickstart.get_config()
+  c = quickstart.base_config()
   c.model.update(dict(logits_chunk=16, attn_block=32, vocab_size=509))  # a distinctive V
   c.algo.kl_coef = 0.1
   tr = train_lib.make_train(c)
@@ -292,7 +292,7 @@ def test_f32_moments_for_bfloat16_params():
 
 
 def test_bfloat16_training_config_builds_and_steps():
-  c = quickstart.get_config()
+  c = quickstart.base_config()
   c.model.update(dict(param_dtype="bfloat16", dtype="bfloat16"))
   c.rollout.num_envs = 4
   c.algo.minibatches = 1
@@ -326,7 +326,7 @@ def test_real_shapes_have_their_published_sizes(name):
 def test_memory_settings_are_validated(field, value):
   with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
     small_config(**{field: value})
-  c = quickstart.get_config()
+  c = quickstart.base_config()
   c.model[field] = value
   with pytest.raises(ValueError, match=f"config.model.{field}"):
     train_lib.make_train(c)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs.quickstart import get_config
+from configs.quickstart import base_config
 from mtrl_jax import rollout as R
 from mtrl_jax import sharding
 from mtrl_jax import train as train_lib
@@ -38,7 +38,7 @@ ALGOS = {
 
 
 def config_for(algo):
-  c = get_config()
+  c = base_config()
   c.model.preset = "tiny"  # d_model 128, 4 heads / 2 KV heads of 32, MLP 256: all split
   c.rollout.num_envs = 8
   c.rollout.group_size = 2
@@ -201,7 +201,7 @@ def test_mesh_sizes_that_do_not_fit_are_named(make, match):
 
 
 def test_mesh_from_config_and_parse():
-  c = get_config()
+  c = base_config()
   mesh = sharding.mesh_from_config(c)
   assert mesh.shape == {"data": 8, "fsdp": 1, "tensor": 1}
   with c.unlocked():

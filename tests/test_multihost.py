@@ -78,6 +78,11 @@ def test_cli_on_a_mesh_resumes_exactly(tmp_path):
   strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
   before = strip(metrics_lib.read_metrics(tmp_path / "metrics.jsonl"))
   assert [r["step"] for r in before] == [1, 2, 3]
+  # The warm start (the end of SFT, restored from its kept checkpoint) and the final policy,
+  # greedy on the same episode.
+  samples = (tmp_path / "samples.txt").read_text()
+  assert "# the warm start (step 1, end of SFT)" in samples, samples
+  assert "# the final policy (step 3)" in samples and samples.count("prompt ") == 2
   shutil.rmtree(tmp_path / "checkpoints" / "3")  # as if killed before the last save
   again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
   assert again.returncode == 0, again.stderr[-3000:]

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs.quickstart import get_config
+from configs.quickstart import base_config
 from mtrl_jax import train as train_lib
 from mtrl_jax.rl import collect, estimators, objective, scoring
 from mtrl_jax.rl.config import AlgoConfig, ConfigError
@@ -144,7 +144,7 @@ def ref_turn_gae(traj, scored, values, gamma, lam):
     spans = SPANS[b]
     v_pos = [s - 1 for s, _ in spans]
     vals = [values[b, p] for p in v_pos]
-    boot = 0.0 if DONE[b] else values[b, last_written(np.asarray(traj.tokens[b]))]
+    boot = 0.0  # terminated or truncated: nothing is earned after the last turn
     adv, nxt_v, nxt_a = [0.0] * len(spans), boot, 0.0
     for k in reversed(range(len(spans))):
       delta = float(scored.rewards[b, k]) + gamma * nxt_v - vals[k]
@@ -179,7 +179,7 @@ def ref_token_gae(traj, scored, values, gamma, lam):
         before = [p for p in pts if p <= t]
         if before:
           credit[before[-1]] += r[t]
-    boot = 0.0 if DONE[b] else values[b, last_written(np.asarray(traj.tokens[b]))]
+    boot = 0.0  # terminated or truncated: nothing is earned after the last turn
     nxt_v, nxt_a = boot, 0.0
     for t in reversed(pts):
       v = values[b, t - 1]
@@ -207,6 +207,23 @@ def test_critic_estimators_place_values_on_the_right_tokens(name, ref, mask_repl
   np.testing.assert_allclose(np.where(v_m, out.v_target, 0.0), v_t, atol=1e-5)
   # The row with no turn has no value target and no advantage.
   assert not np.asarray(out.v_mask)[2].any()
+
+
+@pytest.mark.parametrize("name", ["turn_gae", "token_gae"])
+def test_truncated_episode_is_valued_zero_after_its_last_turn(name):
+  """A truncated row (row 1: done False) gets the targets it would get had it terminated: the
+  critic's output after its last token (here large) is not used as a bootstrap."""
+  traj = make_traj()
+  assert not bool(traj.done[1]) and bool(traj.truncated[1])
+  algo = AlgoConfig(advantage=name, gamma_turn=1.0, lam=0.95)
+  values = jnp.asarray(np.random.default_rng(3).normal(size=(3, T)), jnp.float32)
+  last = last_written(np.asarray(traj.tokens[1]))
+  values = values.at[1, last].set(100.0)
+  fn = lambda t: estimators.ESTIMATORS[name].fn(t, scoring.score(t, algo), values, algo=algo,
+                                                group_size=1)
+  truncated, terminated = fn(traj), fn(traj.replace(done=traj.done.at[1].set(True)))
+  chex.assert_trees_all_close(truncated, terminated, atol=0, rtol=0)
+  assert float(jnp.max(jnp.abs(truncated.adv[1]))) < 50  # 100 would dominate a bootstrap
 
 
 def test_turn_gae_value_positions_are_the_tokens_before_each_turn():
@@ -350,7 +367,7 @@ def test_ppo_update_is_sequential_sgd_over_permuted_minibatches():
 
 
 def small_config(**algo):
-  c = get_config()
+  c = base_config()
   c.rollout.num_envs = 4
   c.sft.batch_size = 8
   c.train.eval_envs = 4
@@ -428,14 +445,15 @@ def test_unknown_keys_are_rejected_with_the_valid_ones(section):
     train_lib.make_train(c)
 
 
-def test_algo_defaults_are_the_quickstart_config():
-  """No defaults hidden in code: the dataclass defaults are exactly configs/quickstart.py."""
-  assert AlgoConfig.from_section(get_config().algo) == AlgoConfig()
-  assert train_lib.from_section(train_lib.TrainConfig, get_config().train, "train") == \
+def test_algo_defaults_are_the_base_config():
+  """No defaults hidden in code: the dataclass defaults are exactly configs/quickstart.py's
+  base_config (the quick start itself changes the environment and the SFT data on top)."""
+  assert AlgoConfig.from_section(base_config().algo) == AlgoConfig()
+  assert train_lib.from_section(train_lib.TrainConfig, base_config().train, "train") == \
       train_lib.TrainConfig()
-  assert train_lib.from_section(train_lib.SFTConfig, get_config().sft, "sft") == \
+  assert train_lib.from_section(train_lib.SFTConfig, base_config().sft, "sft") == \
       train_lib.SFTConfig()
-  assert train_lib.from_section(train_lib.OptimConfig, get_config().optim, "optim") == \
+  assert train_lib.from_section(train_lib.OptimConfig, base_config().optim, "optim") == \
       train_lib.OptimConfig()
 
 

@@ -1,5 +1,5 @@
-"""The quick start's recipe (SFT on noisy expert demonstrations, then PPO with a turn-level
-critic) on UnitConversion, named by import path: run from this folder,
+"""The base recipe (`quickstart.base_config`: SFT on noisy expert demonstrations, then PPO
+with a turn-level critic) on UnitConversion, named by import path: run from this folder,
 
     python -m experiments.train --config unit_config.py --workdir runs/unit
 """
@@ -8,7 +8,7 @@ from configs import quickstart  # the shipped configs are an installed package
 
 
 def get_config():
-  config = quickstart.get_config()
+  config = quickstart.base_config()
   # Any constructor argument or UnitParams field can be set here or on the command line
   # (--config.env.guess_penalty=0.5); an unknown one is an error that lists them.
   config.env = dict(name="unit_env:UnitConversion", num_digits=2, noise=0.0)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from mtrl_jax.rl import advantages
-from mtrl_jax.rl.scoring import Scored, turn_spans, written_mask
+from mtrl_jax.rl.scoring import Scored, turn_spans
 from mtrl_jax.types import Trajectory
 
 
@@ -49,12 +49,15 @@ class TokenTargets:
   v_mask: jax.Array
 
 
-def _bootstrap(values: jax.Array, tokens: jax.Array) -> jax.Array:
-  """[B] the critic's value after each row's last written token (the bootstrap of a truncated
-  episode)."""
-  B = tokens.shape[0]
-  last_pos = jnp.maximum(jnp.sum(written_mask(tokens), axis=1) - 1, 0)
-  return values[jnp.arange(B), last_pos]
+def _after_last_turn(traj: Trajectory) -> jax.Array:
+  """[B] the value after a row's last turn: 0, whether the episode terminated or was truncated.
+
+  A truncated episode ended at the environment's turn limit (or the rollout's context budget):
+  it cannot go on, so nothing more can be earned after its last turn. Bootstrapping there from
+  the critic, as before, used a value at a position no target ever trains (the token after a
+  row's last one), i.e. an untrained critic output, as the return of every truncated episode.
+  """
+  return jnp.zeros(traj.done.shape, jnp.float32)
 
 
 def turn_gae_targets(traj: Trajectory, scored: Scored, values: jax.Array, *, algo: Any,
@@ -73,7 +76,7 @@ def turn_gae_targets(traj: Trajectory, scored: Scored, values: jax.Array, *, alg
   v_pos = turn_start - 1  # the token before a turn: the state the agent acts from
   turn_values = jnp.take_along_axis(values, v_pos, axis=1)
   adv_turn, ret_turn = advantages.turn_gae(scored.rewards, turn_values, traj.turn_valid,
-                                           traj.done, _bootstrap(values, traj.tokens),
+                                           traj.done, _after_last_turn(traj),
                                            scored.gamma_turn, algo.lam)
   # Each trained token takes the advantage of its turn; with mask_replies=False a reply token
   # takes the advantage of the turn it answers (the last turn before it).
@@ -102,7 +105,7 @@ def token_gae_targets(traj: Trajectory, scored: Scored, values: jax.Array, *, al
       jnp.where(traj.turn_valid, traj.turn_end, T)].add(scored.rewards, mode="drop")
   prev_values = jnp.concatenate([jnp.zeros((B, 1)), values[:, :-1]], axis=1)
   adv, ret = advantages.token_gae(tok_rewards, prev_values, mask, scored.gamma_turn, algo.lam,
-                                  traj.done, _bootstrap(values, traj.tokens))
+                                  traj.done, _after_last_turn(traj))
   v_mask = jnp.concatenate([mask[:, 1:], jnp.zeros((B, 1), bool)], axis=1)
   v_target = jnp.concatenate([ret[:, 1:], jnp.zeros((B, 1))], axis=1)
   return TokenTargets(adv=adv, v_target=v_target, v_mask=v_mask)

@@ -222,7 +222,7 @@ def warmup_schedule(lr: float, warmup: int) -> optax.Schedule:
   lr * min(1, (i + 1) / (warmup + 1)); `warmup = 0` is the constant `lr`."""
   if not warmup:
     return optax.constant_schedule(lr)
-  return lambda count: lr * jnp.minimum(1.0, (count + 1.0) / (warmup + 1.0))
+  return optax.linear_schedule(lr / (warmup + 1), lr, warmup)  # lr/(w+1) at 0, lr from w
 
 
 def success_se(rate: jax.Array, n: int) -> jax.Array:

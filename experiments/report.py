@@ -115,6 +115,19 @@ def sampled_gain(recs, key: str = "train/success_rate", n: int = 10) -> list[flo
   return list(np.mean(rows[-n:], axis=0) - np.mean(rows[:n], axis=0))
 
 
+def paired_gain(recs, key: str = "eval/success_rate") -> list[float]:
+  """Per seed: `key` at the run's last evaluation minus its first (an RL run's first
+  evaluation is step 0, its warm start: the difference is paired by seed, so the seed-to-seed
+  spread of the warm starts cancels). [] for a run with fewer than two evaluations."""
+  rows = [per_seed(r, key) for r in recs if r.get(key) is not None]
+  if len(rows) < 2 or len(rows[0]) != len(rows[-1]):
+    return []
+  return list(np.asarray(rows[-1], np.float64) - np.asarray(rows[0], np.float64))
+
+
+PAIRED = ("RL - warm start (paired by seed)", paired_gain)
+
+
 def plot(curves: dict, path: str, title: str, key: str = "eval/success_rate") -> str | None:
   """Mean over seeds with a 95% band of `key` against RL step, one line per arm."""
   curves = {k: v for k, v in curves.items() if any(r.get(key) is not None for r in v)}
@@ -157,7 +170,7 @@ def report_tool_use(root):
     table, curves = eval_table(root, "tool_use", arms, [
         ("eval success", "eval/success_rate", 1), ("tool calls", "eval/tool_calls", 1),
         ("turns", "eval/turns", 1), ("format errors", "eval/format_errors", 1)],
-        [("sampled success, last - first 10 RL steps", sampled_gain)])
+        [PAIRED, ("sampled success, last - first 10 RL steps", sampled_gain)])
     out.append(f"**{title}**\n\n{table}")
     curves_all.update({k: v for k, v in curves.items() if "SFT only" not in k})
   return "\n\n".join(out), curves_all
@@ -174,7 +187,7 @@ def report_clarify(root):
   table, curves = eval_table(root, "clarify", arms, [
       ("eval success", "eval/success_rate", 1), ("asks", "eval/num_asks", 1),
       ("first turn asks", "eval/first_turn_ask", 1), ("premature answers", "eval/premature", 1),
-      ("turns", "eval/turns", 1)])
+      ("turns", "eval/turns", 1)], [PAIRED])
   return table, {k: v for k, v in curves.items() if k != "SFT only"}
 
 
@@ -208,15 +221,16 @@ def _train_table(root, arms, extra):
   for label, (exp, name) in arms:
     recs = _records(root, exp, name)
     if not recs:
-      rows.append([label, "not run"] + [""] * (1 + len(extra)))
+      rows.append([label, "not run"] + [""] * (2 + len(extra)))
       continue
     final = last_eval(recs)
     evals = [per_seed(r, "eval/success_rate") for r in recs
              if r.get("eval/success_rate") is not None]
-    rows.append([label, str(_seeds(recs)), fmt(per_seed(final, "eval/success_rate"))] +
-                [fmt(fn(recs, evals)) for _, fn in extra])
+    rows.append([label, str(_seeds(recs)), fmt(per_seed(final, "eval/success_rate")),
+                 fmt(paired_gain(recs))] + [fmt(fn(recs, evals)) for _, fn in extra])
     curves[label] = recs
-  return _table(["arm", "seeds", "eval success"] + [t for t, _ in extra], rows), curves
+  return _table(["arm", "seeds", "eval success", PAIRED[0]] + [t for t, _ in extra],
+                rows), curves
 
 
 def report_masking(root):
@@ -270,12 +284,13 @@ def report_retrieval(root):
       ("GRPO on NDCG@10", ("retrieval", "grpo_ndcg")),
       ("GRPO on Recall@10", ("retrieval", "grpo_recall")),
       ("multi-turn refinement: SFT", ("retrieval", "multiturn_sft")),
-      ("multi-turn refinement: GRPO on NDCG@10", ("retrieval", "multiturn_grpo"))], columns)
+      ("multi-turn refinement: GRPO on NDCG@10", ("retrieval", "multiturn_grpo"))], columns,
+      [("NDCG@10, RL - warm start (paired by seed)", lambda r: paired_gain(r, "eval/ndcg"))])
   recs = _records(root, "retrieval", "sft")
   if recs:  # the user's own text as the query, scored on the same evaluation episodes
     final = last_eval(recs)
     raw = ["raw user text as the query", str(_seeds(recs)), fmt(per_seed(final, "eval/raw_ndcg")),
-           fmt(per_seed(final, "eval/raw_recall")), "-"]
+           fmt(per_seed(final, "eval/raw_recall")), "-", "-"]
     lines = table.split("\n")
     table = "\n".join(lines[:2] + ["| " + " | ".join(raw) + " |"] + lines[2:])
   return table, {k: v for k, v in curves.items() if "SFT" not in k}

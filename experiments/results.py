@@ -72,6 +72,16 @@ def _reflexion(name: str, config: str, policy: str, *overrides: str,
 
 SEARCH3 = ("--config.env.hops=3", "--config.rollout.max_len=144")
 GRPO_SEQ = ("--config.algo.loss_agg=seq_mean_token_mean",)  # the original GRPO aggregation
+# The habit warm start (issue 18): 60% of the demonstrations follow the environment's habit
+# (`EnvParams.habit_p`; > 0.5 makes it the SFT policy's greedy mode), no per-turn noise; RL keeps
+# a KL term to the warm start (0.05, as the quick start: it stops the greedy policy drifting
+# once the habit is gone).
+HABIT = ("--config.sft.habit_p=0.6", "--config.sft.noise=0.0", "--config.algo.kl_coef=0.05")
+QUICKSTART = "configs/quickstart.py"  # calculator with the habit settings above built in
+QUICKSTART_SFT_STEPS = 600  # the quick start's own SFT length
+SEARCH_SFT_STEPS = 400
+GRPO = ("--config.rollout.num_envs=8", "--config.rollout.group_size=4",
+        "--config.algo.advantage=grpo", "--config.algo.vf_coef=0.0")  # calculator_grpo.to_grpo
 
 # 8. Per-turn think budget (issue 9, part 2): configs/search_think.py (3 hops, 192-token context,
 #    demonstrations that think 40 tokens per turn). b = None: no per-turn cap, only the context.
@@ -111,17 +121,22 @@ def _think_budget_arms(env: tuple[str, ...] = (), context: int | None = None,
 
 
 EXPERIMENTS: dict[str, list[Arm]] = {
-    # 1. Multi-turn RL improves tool use: SFT only vs SFT + PPO (turn-level critic) vs SFT + GRPO.
+    # 1. Multi-turn RL improves tool use: SFT only vs SFT + PPO (turn-level critic) vs SFT + GRPO,
+    #    from habit warm starts (HABIT: 60% of the demonstrations follow the environment's habit,
+    #    so the SFT policy's greedy mode is the habit RL has to fix). Calculator: the quick start
+    #    (two 3-digit operands, habit = answer a guess without the tool); search: the expert
+    #    stops one hop short.
     "tool_use": [
-        _warm_start("calculator_sft", "configs/calculator_ppo.py"),
-        _rl("calculator_ppo", "configs/calculator_ppo.py", "calculator_sft"),
-        _rl("calculator_grpo", "configs/calculator_grpo.py", "calculator_sft"),
-        _warm_start("search2_sft", "configs/search_ppo.py"),
-        _rl("search2_ppo", "configs/search_ppo.py", "search2_sft"),
-        _rl("search2_grpo", "configs/search_grpo.py", "search2_sft"),
-        _warm_start("search3_sft", "configs/search_ppo.py", *SEARCH3),
-        _rl("search3_ppo", "configs/search_ppo.py", "search3_sft", *SEARCH3),
-        _rl("search3_grpo", "configs/search_grpo.py", "search3_sft", *SEARCH3),
+        _warm_start("calculator_sft", QUICKSTART, sft_steps=QUICKSTART_SFT_STEPS),
+        _rl("calculator_ppo", QUICKSTART, "calculator_sft"),
+        _rl("calculator_grpo", QUICKSTART, "calculator_sft", *GRPO),
+        _warm_start("search2_sft", "configs/search_ppo.py", *HABIT, sft_steps=SEARCH_SFT_STEPS),
+        _rl("search2_ppo", "configs/search_ppo.py", "search2_sft", *HABIT),
+        _rl("search2_grpo", "configs/search_grpo.py", "search2_sft", *HABIT),
+        _warm_start("search3_sft", "configs/search_ppo.py", *SEARCH3, *HABIT,
+                    sft_steps=SEARCH_SFT_STEPS),
+        _rl("search3_ppo", "configs/search_ppo.py", "search3_sft", *SEARCH3, *HABIT),
+        _rl("search3_grpo", "configs/search_grpo.py", "search3_sft", *SEARCH3, *HABIT),
     ],
     # 2. Trajectory-level vs next-turn reward on clarify (k = 3 hidden constraints).
     "clarify": [
@@ -143,22 +158,23 @@ EXPERIMENTS: dict[str, list[Arm]] = {
         for variant in ("sharded", "full")
     ],
     # 4. Masking ablation on search (2 hops): tool replies in the loss. The masked arm (the
-    #    default) is tool_use/search2_ppo.
+    #    default) is tool_use/search2_ppo; both start from its habit warm start.
     "masking": [
         _rl("unmasked", "configs/search_ppo.py", "tool_use/search2_sft",
-            "--config.algo.mask_replies=False"),
+            *HABIT, "--config.algo.mask_replies=False"),
     ],
-    # 5. DAPO ladder on search with 3 hops.
+    # 5. DAPO ladder on search with 3 hops, from the habit warm start of tool_use/search3_sft.
     "dapo_ladder": [
-        _rl("1_grpo", "configs/search_grpo.py", "tool_use/search3_sft", *SEARCH3, *GRPO_SEQ),
-        _rl("2_clip_higher", "configs/search_grpo.py", "tool_use/search3_sft", *SEARCH3,
+        _rl("1_grpo", "configs/search_grpo.py", "tool_use/search3_sft", *SEARCH3, *HABIT,
+            *GRPO_SEQ),
+        _rl("2_clip_higher", "configs/search_grpo.py", "tool_use/search3_sft", *SEARCH3, *HABIT,
             *GRPO_SEQ, "--config.algo.eps_high=0.28"),
-        _rl("3_token_loss", "configs/search_grpo.py", "tool_use/search3_sft", *SEARCH3,
+        _rl("3_token_loss", "configs/search_grpo.py", "tool_use/search3_sft", *SEARCH3, *HABIT,
             "--config.algo.eps_high=0.28", "--config.algo.loss_agg=token_mean"),
-        _rl("4_overlong", "configs/search_grpo.py", "tool_use/search3_sft", *SEARCH3,
+        _rl("4_overlong", "configs/search_grpo.py", "tool_use/search3_sft", *SEARCH3, *HABIT,
             "--config.algo.eps_high=0.28", "--config.algo.loss_agg=token_mean",
             "--config.algo.overlong_len=40", "--config.algo.overlong_cache=10"),
-        _rl("5_dynamic_sampling", "configs/search_dapo.py", "tool_use/search3_sft"),
+        _rl("5_dynamic_sampling", "configs/search_dapo.py", "tool_use/search3_sft", *HABIT),
     ],
     # 6. Fix the program (issue 8): the SWE-style DAPO recipe vs GRPO vs PPO, and two ablations.
     "fix": [
@@ -208,6 +224,15 @@ def arm_dir(root: str, experiment: str, name: str) -> str:
   return os.path.join(root, *(name.split("/") if "/" in name else (experiment, name)))
 
 
+def arm_steps(arm: Arm, *, sft_steps: int, rl_steps: int) -> tuple[int, int]:
+  """(SFT steps, RL steps) the arm trains, given the command line's defaults: an RL arm starts
+  from its warm start's checkpoint and trains no SFT; an arm's own lengths win."""
+  rl_steps = rl_steps if arm.rl_steps is None else arm.rl_steps
+  if arm.init_from:
+    return 0, rl_steps
+  return (sft_steps if arm.sft_steps is None else arm.sft_steps), rl_steps
+
+
 def command(root: str, experiment: str, arm: Arm, *, seeds: int, sft_steps: int,
             rl_steps: int) -> tuple[list[str], str]:
   """(argv, the file whose existence means the arm is done)."""
@@ -218,11 +243,7 @@ def command(root: str, experiment: str, arm: Arm, *, seeds: int, sft_steps: int,
     out = os.path.join(source, arm.out)
     return cmd + ["--run", source, "--out", out, *arm.flags, *arm.overrides], out
   workdir = arm_dir(root, experiment, arm.name)
-  rl_steps = rl_steps if arm.rl_steps is None else arm.rl_steps
-  if arm.init_from:
-    sft_steps = 0
-  elif arm.sft_steps is not None:
-    sft_steps = arm.sft_steps
+  sft_steps, rl_steps = arm_steps(arm, sft_steps=sft_steps, rl_steps=rl_steps)
   cmd += ["--workdir", workdir, f"--config.sft.steps={sft_steps}",
           f"--config.train.steps={rl_steps}", "--config.train.eval_every=10",
           "--config.train.checkpoint_every=20"]
@@ -258,8 +279,11 @@ def run(experiment: str, root: str, **scale) -> None:
       sys.exit(f"error: {experiment}/{arm.name} failed (exit {result.returncode})")
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "timing.jsonl"), "a") as f:
+      steps = ({} if arm.program in ("evaluate", "reflexion") else
+               dict(zip(("sft_steps", "rl_steps"), arm_steps(arm, **{
+                   k: scale[k] for k in ("sft_steps", "rl_steps")}))))
       f.write(json.dumps({"experiment": experiment, "arm": arm.name, "wall_s": time.time() - t0,
-                          **scale}) + "\n")
+                          **scale, **steps}) + "\n")
 
 
 def main(argv):

@@ -82,6 +82,7 @@ def test_report_writes_tables_plots_and_markdown(tmp_path):
   assert "old" not in text and text.startswith("intro") and text.endswith("end\n")
   m, h = report.mean_ci([0.8, 1.0])
   assert f"| calculator: SFT + PPO (turn critic) | 2 | {m:.2f} ± {h:.2f} |" in text
+  assert "| 0.30 ± 0.00 |" in text  # RL - warm start, paired by seed: +0.3 in both seeds
   assert "| calculator: SFT only | 2 | 0.60 ±" in text
   assert "calculator: SFT + GRPO | not run" in text
   assert "<!-- report:compute -->\nWall time on this machine: 2 min in all" in text
@@ -94,6 +95,23 @@ def test_sampled_gain_is_last_minus_first_window_per_seed():
   gain = report.sampled_gain(recs, n=10)
   np.testing.assert_allclose(gain, [np.mean(range(20, 30)) - np.mean(range(10)), 0.0])
   assert report.sampled_gain(recs[:15], n=10) == []  # too short for two windows
+
+
+def test_paired_gain_is_last_minus_first_eval_per_seed():
+  recs = [{"step": 0, "eval/success_rate/seed0": 0.25, "eval/success_rate/seed1": 0.5},
+          {"step": 5, "train/loss": 1.0},  # a record without an evaluation is skipped
+          {"step": 10, "eval/success_rate/seed0": 0.5, "eval/success_rate/seed1": 0.25},
+          {"step": 20, "eval/success_rate/seed0": 1.0, "eval/success_rate/seed1": 0.75}]
+  for r in recs:
+    if "eval/success_rate/seed0" in r:
+      r["eval/success_rate"] = (r["eval/success_rate/seed0"] + r["eval/success_rate/seed1"]) / 2
+  np.testing.assert_allclose(report.paired_gain(recs), [0.75, 0.25])
+  # Paired by seed: the interval is that of the differences, not of two independent means.
+  m, h = report.mean_ci(report.paired_gain(recs))
+  np.testing.assert_allclose((m, h), (0.5, 12.706 * np.std([0.75, 0.25], ddof=1) / np.sqrt(2)))
+  assert report.paired_gain(recs[:1]) == []  # one evaluation (an SFT run): no gain
+  assert report.paired_gain([{"step": 0, "eval/ndcg": 0.1}, {"step": 1, "eval/ndcg": 0.4}],
+                            "eval/ndcg") == pytest.approx([0.3])
 
 
 def test_reflexion_report_table_and_plot(tmp_path):

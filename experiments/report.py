@@ -183,7 +183,8 @@ def report_clarify(root):
           ("GRPO on the trajectory return", ("clarify", "grpo")),
           ("PPO on the multiturn-aware reward, w = 1", ("clarify", "mr_w1")),
           ("PPO on the multiturn-aware reward, w = 2", ("clarify", "mr_w2")),
-          ("PPO on the multiturn-aware reward, w = full", ("clarify", "mr_full"))]
+          ("PPO on the multiturn-aware reward, w = full", ("clarify", "mr_full")),
+          ("PPO trajectory, half the episodes fully specified", ("clarify", "ppo_mixed"))]
   table, curves = eval_table(root, "clarify", arms, [
       ("eval success", "eval/success_rate", 1), ("asks", "eval/num_asks", 1),
       ("first turn asks", "eval/first_turn_ask", 1), ("premature answers", "eval/premature", 1),
@@ -194,7 +195,8 @@ def report_clarify(root):
 def report_lic(root):
   rows = []
   for policy, label in (("sft", "SFT only"), ("ppo_trajectory", "PPO trajectory"),
-                        ("ppo_myopic", "PPO myopic"), ("grpo", "GRPO")):
+                        ("ppo_myopic", "PPO myopic"), ("grpo", "GRPO"),
+                        ("ppo_mixed", "PPO trajectory, trained on both variants")):
     data = {}
     for variant in ("full", "sharded"):
       path = os.path.join(R.arm_dir(root, "clarify", policy), f"lic_{variant}.json")

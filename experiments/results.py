@@ -138,15 +138,20 @@ EXPERIMENTS: dict[str, list[Arm]] = {
         _rl("search3_ppo", "configs/search_ppo.py", "search3_sft", *SEARCH3, *HABIT),
         _rl("search3_grpo", "configs/search_grpo.py", "search3_sft", *SEARCH3, *HABIT),
     ],
-    # 2. Trajectory-level vs next-turn reward on clarify (k = 3 hidden constraints).
+    # 2. Trajectory-level vs next-turn reward on clarify (k = 3 hidden constraints), from the
+    #    habit warm start (the demonstrator answers at once, without asking).
     "clarify": [
-        _warm_start("sft", "configs/clarify_ppo.py"),
-        _rl("ppo_trajectory", "configs/clarify_ppo.py", "sft"),
-        _rl("ppo_myopic", "configs/clarify_myopic.py", "sft"),
-        _rl("grpo", "configs/clarify_grpo.py", "sft"),
-        _rl("mr_w1", "configs/clarify_mr.py", "sft"),
-        _rl("mr_w2", "configs/clarify_mr2.py", "sft"),
-        _rl("mr_full", "configs/clarify_mr_full.py", "sft"),
+        _warm_start("sft", "configs/clarify_ppo.py", *HABIT),
+        _rl("ppo_trajectory", "configs/clarify_ppo.py", "sft", *HABIT),
+        _rl("ppo_myopic", "configs/clarify_myopic.py", "sft", *HABIT),
+        _rl("grpo", "configs/clarify_grpo.py", "sft", *HABIT),
+        _rl("mr_w1", "configs/clarify_mr.py", "sft", *HABIT),
+        _rl("mr_w2", "configs/clarify_mr2.py", "sft", *HABIT),
+        _rl("mr_full", "configs/clarify_mr_full.py", "sft", *HABIT),
+        # Section 3's proposal: trajectory-level PPO on a mix of sharded and fully specified
+        # episodes (each fully specified with probability 1/2).
+        _rl("ppo_mixed", "configs/clarify_ppo.py", "sft", *HABIT,
+            "--config.env.full_fraction=0.5"),
     ],
     # 3. Lost in conversation: the clarify policies on the sharded vs fully specified task,
     #    10 samples per instance at temperature 1.
@@ -154,7 +159,7 @@ EXPERIMENTS: dict[str, list[Arm]] = {
         Arm(f"{policy}_{variant}", "evaluate", "configs/clarify_ppo.py",
             (f"--config.env.fully_specified={variant == 'full'}",),
             init_from=f"clarify/{policy}", out=f"lic_{variant}.json")
-        for policy in ("sft", "ppo_trajectory", "ppo_myopic", "grpo")
+        for policy in ("sft", "ppo_trajectory", "ppo_myopic", "grpo", "ppo_mixed")
         for variant in ("sharded", "full")
     ],
     # 4. Masking ablation on search (2 hops): tool replies in the loss. The masked arm (the

@@ -668,6 +668,34 @@ def test_demonstrations_noisy_and_budget_error():
     demos.demonstrations(h.env, h.params, jax.random.PRNGKey(0), 4, need - 1)
 
 
+def test_clarify_full_fraction_mixes_the_variants_per_episode():
+  env, params = registry.make("clarify", full_fraction=0.5)
+  n = 256
+  traj = jax.tree.map(np.asarray, demos.demonstrations(env, params, jax.random.PRNGKey(0), n,
+                                                       demos.required_len(env)))
+  check_trajectory(traj)
+  full = traj.info["num_asks"] == 0  # the expert asks only when something is untold
+  assert 0.4 < full.mean() < 0.6, full.mean()  # binomial(256, 0.5): 5 standard errors
+  assert traj.info["success"].all() and not traj.info["premature"].any()
+  np.testing.assert_array_equal(traj.info["num_turns"], np.where(full, 1, 3))
+  for row in range(8):  # the prompt shows all k constraints exactly in the full episodes
+    words = env.vocab.decode(traj.tokens[row]).split()
+    prompt = words[:words.index("<assistant>")]  # up to the first agent turn
+    shown = sum(a in prompt for a in env.attribute_names)
+    assert shown == (3 if full[row] else 1), (row, prompt)
+  # The sharded-only environment is unchanged: same prompts, same episodes, same keys.
+  a, pa = registry.make("clarify")
+  b, pb = registry.make("clarify", full_fraction=0.0)
+  ta, tb = (demos.demonstrations(e, p, jax.random.PRNGKey(1), 8, demos.required_len(e))
+            for e, p in ((a, pa), (b, pb)))
+  chex.assert_trees_all_equal(ta, tb)
+  assert a.prompt_len == b.prompt_len < env.prompt_len
+  with pytest.raises(ValueError, match="full_fraction must be in"):
+    registry.make("clarify", full_fraction=1.5)
+  with pytest.raises(ValueError, match="full_fraction=0.5 contradicts"):
+    registry.make("clarify", fully_specified=True, full_fraction=0.5)
+
+
 def test_clarify_fully_specified():
   env, params = registry.make("clarify", fully_specified=True)
   traj = jax.tree.map(np.asarray, demos.demonstrations(env, params, jax.random.PRNGKey(0), 8,

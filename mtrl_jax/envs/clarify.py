@@ -8,7 +8,10 @@ material shape style price`, in that order), each with `num_values` values: `num
 items. The user wants one hidden item; its k attribute values are the constraints. They are
 revealed in a random order: the first user message gives one (all k with
 `fully_specified=True`, the "full" arm of the sharded-vs-full comparison); each `<ask>` makes
-the simulated user reveal the next; once everything is told it replies `nothing else`.
+the simulated user reveal the next; once everything is told it replies `nothing else`. With
+`0 < full_fraction < 1` each episode is fully specified with that probability (drawn at reset,
+independently of the task): one environment, and one policy trained on a mix of both
+variants.
 
 Tokens (k = 3)::
 
@@ -46,7 +49,8 @@ with a new guess).
 Info extras: `num_asks`, `first_turn_ask` (the first agent turn was `<ask>`), `answered`,
 `premature` (answered before all constraints were told), `constraints_known`.
 
-Knobs (constructor, static): `num_attributes`, `num_values`, `fully_specified`, `max_turns`.
+Knobs (constructor, static): `num_attributes`, `num_values`, `fully_specified`,
+`full_fraction`, `max_turns`.
 EnvParams (dynamic): `noise`, `habit_p`, `ask_cost`, `format_penalty`.
 """
 
@@ -104,12 +108,20 @@ class Clarify(base.Environment):
   Params = ClarifyParams
 
   def __init__(self, num_attributes: int = 3, num_values: int = 4, fully_specified: bool = False,
-               max_turns: int | None = None, vocab: V.Vocab | None = None):
+               full_fraction: float = 0.0, max_turns: int | None = None,
+               vocab: V.Vocab | None = None):
     if not 1 <= num_attributes <= len(ATTRIBUTES):
       raise ValueError(f"num_attributes must be in [1, {len(ATTRIBUTES)}], got {num_attributes}")
     max_values = min(len(v) for _, v in ATTRIBUTES)
     if not 2 <= num_values <= max_values:
       raise ValueError(f"num_values must be in [2, {max_values}], got {num_values}")
+    if not 0.0 <= full_fraction <= 1.0:
+      raise ValueError(f"full_fraction must be in [0, 1], got {full_fraction}")
+    if fully_specified and full_fraction not in (0.0, 1.0):
+      raise ValueError(f"fully_specified=True makes every episode fully specified; "
+                       f"full_fraction={full_fraction} contradicts it (use one of the two)")
+    fully_specified = bool(fully_specified) or full_fraction == 1.0
+    self.full_fraction = 1.0 if fully_specified else float(full_fraction)
     needed = 1 if fully_specified else num_attributes
     max_turns = num_attributes + 2 if max_turns is None else max_turns
     if max_turns < needed:
@@ -134,7 +146,7 @@ class Clarify(base.Environment):
 
   @property
   def prompt_len(self) -> int:
-    told = self.num_attributes if self.fully_specified else 1
+    told = self.num_attributes if self.full_fraction > 0 else 1
     return 4 + len(_INTRO) + 2 * told
 
   @property
@@ -161,15 +173,19 @@ class Clarify(base.Environment):
     bits = T.random_bits(key, 2 * k)
     target = T.below(bits[:k], self.num_values)
     order = jnp.argsort(bits[k:]).astype(jnp.int32)  # uniform reveal order
-    told = k if self.fully_specified else 1
+    if 0 < self.full_fraction < 1:  # a mix: this episode's variant from its own key
+      full = T.unit(T.random_bits(jax.random.fold_in(key, 1), 1)[0]) < self.full_fraction
+      told, shown = jnp.where(full, k, 1).astype(jnp.int32), k
+    else:
+      told = shown = k if self.fully_specified else 1
     state = ClarifyState(**base.initial_counters(), target=target, order=order,
                          told=jnp.int32(told), num_asks=jnp.int32(0),
                          first_turn_ask=jnp.bool_(False), answered=jnp.bool_(False),
                          premature=jnp.bool_(False))
     parts = [jnp.asarray(self.vocab.ids(_INTRO), jnp.int32)]
-    parts += [self.constraint(state, jnp.int32(i)) for i in range(told)]
-    content = jnp.concatenate(parts)
-    return state, self.make_prompt(content, jnp.int32(content.shape[0]))
+    parts += [self.constraint(state, jnp.int32(i)) for i in range(shown)]
+    content = jnp.concatenate(parts)  # the first `told` constraints are shown
+    return state, self.make_prompt(content, jnp.int32(len(_INTRO)) + 2 * jnp.int32(told))
 
   def step_env(self, key, state, action, params):
     k, nv = self.num_attributes, self.num_values

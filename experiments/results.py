@@ -157,7 +157,7 @@ EXPERIMENTS: dict[str, list[Arm]] = {
     #    10 samples per instance at temperature 1.
     "lost_in_conversation": [
         Arm(f"{policy}_{variant}", "evaluate", "configs/clarify_ppo.py",
-            (f"--config.env.fully_specified={variant == 'full'}",),
+            (f"--config.env.fully_specified={variant == 'full'}", *HABIT),
             init_from=f"clarify/{policy}", out=f"lic_{variant}.json")
         for policy in ("sft", "ppo_trajectory", "ppo_myopic", "grpo", "ppo_mixed")
         for variant in ("sharded", "full")

@@ -284,9 +284,10 @@ def run(experiment: str, root: str, **scale) -> None:
       sys.exit(f"error: {experiment}/{arm.name} failed (exit {result.returncode})")
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "timing.jsonl"), "a") as f:
-      steps = ({} if arm.program in ("evaluate", "reflexion") else
-               dict(zip(("sft_steps", "rl_steps"), arm_steps(arm, **{
-                   k: scale[k] for k in ("sft_steps", "rl_steps")}))))
+      steps = {}
+      if arm.program not in ("evaluate", "reflexion"):
+        sft, rl = arm_steps(arm, sft_steps=scale["sft_steps"], rl_steps=scale["rl_steps"])
+        steps = dict(sft_steps=sft, rl_steps=rl)
       f.write(json.dumps({"experiment": experiment, "arm": arm.name, "wall_s": time.time() - t0,
                           **scale, **steps}) + "\n")
 

@@ -683,13 +683,14 @@ def test_clarify_full_fraction_mixes_the_variants_per_episode():
     prompt = words[:words.index("<assistant>")]  # up to the first agent turn
     shown = sum(a in prompt for a in env.attribute_names)
     assert shown == (3 if full[row] else 1), (row, prompt)
-  # The sharded-only environment is unchanged: same prompts, same episodes, same keys.
-  a, pa = registry.make("clarify")
-  b, pb = registry.make("clarify", full_fraction=0.0)
+  # full_fraction = 1 is fully_specified=True: the same prompts and episodes from the same keys.
+  a, pa = registry.make("clarify", fully_specified=True)
+  b, pb = registry.make("clarify", full_fraction=1.0)
+  assert b.fully_specified and a.prompt_len == b.prompt_len == env.prompt_len
   ta, tb = (demos.demonstrations(e, p, jax.random.PRNGKey(1), 8, demos.required_len(e))
             for e, p in ((a, pa), (b, pb)))
   chex.assert_trees_all_equal(ta, tb)
-  assert a.prompt_len == b.prompt_len < env.prompt_len
+  assert registry.make("clarify")[0].prompt_len < env.prompt_len  # sharded: one constraint
   with pytest.raises(ValueError, match="full_fraction must be in"):
     registry.make("clarify", full_fraction=1.5)
   with pytest.raises(ValueError, match="full_fraction=0.5 contradicts"):

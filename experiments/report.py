@@ -429,70 +429,75 @@ def plot_think_budget(root, path: str, title: str, experiment: str = "think_budg
   return path
 
 
-# (env, policy label, (experiment, run), the run's reflexion JSON).
-REFLEXION_POLICIES = (
-    ("search", "SFT", ("tool_use", "search2_sft"), "reflexion.json"),
-    ("search", "multi-turn RL (PPO, 60 x 32 episodes)", ("tool_use", "search2_ppo"),
-     "reflexion.json"),
-    ("search", "meta-trained (PPO, 20 x 3 trials x 32)", ("reflexion", "search_meta"),
-     "reflexion.json"),
-    ("search", "SFT, own reflections", ("tool_use", "search2_sft"), "reflexion_policy.json"),
-    ("fix", "SFT", ("fix", "sft"), "reflexion.json"),
-    ("fix", "multi-turn RL (PPO, 60 x 32 episodes)", ("fix", "ppo"), "reflexion.json"),
-    ("fix", "meta-trained (PPO, 20 x 3 trials x 32)", ("reflexion", "fix_meta"),
-     "reflexion.json"),
-    ("fix", "SFT, own reflections", ("fix", "sft"), "reflexion_policy.json"),
-)
+# (env, policy label, (experiment, run), who writes the reflections: the run's reflexion JSON
+# is reflexion.json for the template, reflexion_<kind>.json otherwise).
+REFLEXION_POLICIES = tuple(
+    (env, label, run, kind)
+    for env, sft, rl, meta, meta_action in (
+        ("search", ("tool_use", "search2_sft"), ("tool_use", "search2_ppo"),
+         ("reflexion", "search_meta"), ("reflexion", "search_meta_action")),
+        ("fix", ("fix", "sft"), ("fix", "ppo"), ("reflexion", "fix_meta"),
+         ("reflexion", "fix_meta_action")))
+    for label, run, kind in (
+        ("SFT", sft, "template"), ("SFT", sft, "action"), ("SFT", sft, "policy"),
+        ("multi-turn RL (PPO, 60 x 32 episodes)", rl, "template"),
+        ("multi-turn RL (PPO, 60 x 32 episodes)", rl, "action"),
+        ("meta-trained (PPO, 20 x 3 trials x 32)", meta, "template"),
+        ("meta-trained with action reflections", meta_action, "action")))
+REFLECTION_LABELS = {"template": "template", "action": "template + action to change",
+                     "policy": "own (policy-written)"}
 
 
 def _reflexion_runs(root):
-  """[(env, policy label, {Omega: {'solved': [seeds][trials], 'success': ...}} or None)]."""
+  """[(env, policy label, reflection label, {Omega: {'solved': [seeds][trials], 'success':
+  ...}} or None)]."""
   out = []
-  for env, label, (exp, name), file in REFLEXION_POLICIES:
+  for env, label, (exp, name), kind in REFLEXION_POLICIES:
+    file = "reflexion.json" if kind == "template" else f"reflexion_{kind}.json"
     path = os.path.join(R.arm_dir(root, exp, name), file)
     data = None
     if os.path.exists(path):
       with open(path) as f:
         data = json.load(f)["memory"]
-    out.append((env, label, data))
+    out.append((env, label, REFLECTION_LABELS[kind], data))
   return out
 
 
 def report_reflexion(root):
   """Success after trial 1 / 3 / 5 (solved in some trial so far) per policy and Omega."""
   rows = []
-  for env, label, data in _reflexion_runs(root):
+  for env, label, reflection, data in _reflexion_runs(root):
     if data is None:
-      rows.append([env, label, "-", "not run"] + [""] * 4)
+      rows.append([env, label, reflection, "-", "not run"] + [""] * 4)
       continue
     for omega, d in sorted(data.items(), key=lambda kv: int(kv[0])):
       solved = np.asarray(d["solved"])  # [seeds, trials]
       at = lambda n: fmt(solved[:, min(n, solved.shape[1]) - 1])
       gain = solved[:, -1] - np.asarray(data["0"]["solved"])[:, -1] if "0" in data else []
-      rows.append([env, label, omega, str(solved.shape[0]), at(1), at(3), at(5),
+      rows.append([env, label, reflection, omega, str(solved.shape[0]), at(1), at(3), at(5),
                    fmt(gain) if omega != "0" else "-"])
-  return _table(["env", "policy", "Omega", "seeds", "solved @1", "solved @3", "solved @5",
-                 "@5 vs Omega=0"], rows), {}
+  return _table(["env", "policy", "reflection", "Omega", "seeds", "solved @1", "solved @3",
+                 "solved @5", "@5 vs Omega=0 (paired)"], rows), {}
 
 
 def plot_reflexion(root, path: str, title: str) -> str | None:
   """Solved-by-trial curves (mean, 95% band over seeds), one panel per policy, one row per
   env."""
-  runs = [r for r in _reflexion_runs(root) if r[2] is not None]
+  runs = [r for r in _reflexion_runs(root) if r[3] is not None]
   if not runs:
     return None
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  envs = list(dict.fromkeys(env for env, _, _ in runs))
+  envs = list(dict.fromkeys(env for env, *_ in runs))
   rows = [[r for r in runs if r[0] == env] for env in envs]
   cols = max(len(r) for r in rows)
   fig, axes = plt.subplots(len(rows), cols, figsize=(3.1 * cols, 3.0 * len(rows)), sharey=True,
                            squeeze=False)
   for ax in axes.flat:
     ax.set_visible(False)
-  for ax, (env, label, data) in [(axes[i][j], r) for i, row in enumerate(rows)
-                                 for j, r in enumerate(row)]:
+  for ax, (env, label, reflection, data) in [(axes[i][j], r) for i, row in enumerate(rows)
+                                             for j, r in enumerate(row)]:
     ax.set_visible(True)
     for omega, d in sorted(data.items(), key=lambda kv: int(kv[0])):
       solved = np.asarray(d["solved"])
@@ -501,7 +506,8 @@ def plot_reflexion(root, path: str, title: str) -> str | None:
       trials = np.arange(1, solved.shape[1] + 1)
       ax.plot(trials, m, marker="o", label=f"Omega={omega}")
       ax.fill_between(trials, np.clip(m - h, 0, 1), np.clip(m + h, 0, 1), alpha=0.2)
-    ax.set_title(f"{env}: {label.split(' (')[0]}", fontsize=9)
+    ax.set_title(f"{env}: {label.split(' (')[0]}\n{reflection.split(' (')[0]} reflections",
+                 fontsize=8)
     ax.set_xlabel("trial")
     ax.grid(alpha=0.3)
   for row in axes:

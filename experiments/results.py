@@ -3,6 +3,7 @@
     python -m experiments.results list                 # experiments, arms and their commands
     python -m experiments.results run tool_use         # train every arm (resumable; done arms skipped)
     python -m experiments.results run all
+    python -m experiments.results run tool_use --arms=search2_sft,search2_ppo   # some arms only
     python -m experiments.report                       # tables + plots from the runs' metrics
 
 Every arm is an ordinary `experiments.sft` / `experiments.train` / `experiments.evaluate`
@@ -21,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 from absl import app, flags
 
@@ -29,6 +31,7 @@ _SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds per arm (vmapped).")
 _SFT_STEPS = flags.DEFINE_integer("sft_steps", 200, "SFT steps of the warm starts.")
 _RL_STEPS = flags.DEFINE_integer("rl_steps", 60, "RL steps of every RL arm.")
 _DRY = flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.")
+_ARMS = flags.DEFINE_list("arms", [], "Run only these arms of the named experiments (default: all).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,11 @@ QUICKSTART_SFT_STEPS = 600  # the quick start's own SFT length
 SEARCH_SFT_STEPS = 400
 GRPO = ("--config.rollout.num_envs=8", "--config.rollout.group_size=4",
         "--config.algo.advantage=grpo", "--config.algo.vf_coef=0.0")  # calculator_grpo.to_grpo
+
+# Reflexion with the reflection that names the action (`reflection='action'`): a longer memory
+# slot (template + the action: search 10 tokens, fix 15), so a longer context.
+RX_ACTION_SEARCH = ("--config.reflexion.reflection=action", "--config.rollout.max_len=168")
+RX_ACTION_FIX = ("--config.reflexion.reflection=action", "--config.rollout.max_len=224")
 
 # 8. Per-turn think budget (issue 9, part 2): configs/search_think.py (3 hops, 192-token context,
 #    demonstrations that think 40 tokens per turn). b = None: no per-turn cap, only the context.
@@ -181,24 +189,27 @@ EXPERIMENTS: dict[str, list[Arm]] = {
             "--config.algo.overlong_len=40", "--config.algo.overlong_cache=10"),
         _rl("5_dynamic_sampling", "configs/search_dapo.py", "tool_use/search3_sft", *HABIT),
     ],
-    # 6. Fix the program (issue 8): the SWE-style DAPO recipe vs GRPO vs PPO, and two ablations.
+    # 6. Fix the program (issue 8): the SWE-style DAPO recipe vs GRPO vs PPO, and two ablations,
+    #    from the habit warm start (the demonstrator never runs the tests: it edits a guessed
+    #    line and submits unverified, 0.25 success).
     "fix": [
-        _warm_start("sft", "configs/fix_ppo.py", sft_steps=400),
-        _rl("dapo", "configs/fix_dapo.py", "sft"),
-        _rl("grpo", "configs/fix_grpo.py", "sft"),
-        _rl("ppo", "configs/fix_ppo.py", "sft"),
-        _rl("dapo_no_penalty", "configs/fix_dapo_no_penalty.py", "sft"),
-        _rl("dapo_filter_truncated", "configs/fix_dapo.py", "sft",
+        _warm_start("sft", "configs/fix_ppo.py", *HABIT, sft_steps=400),
+        _rl("dapo", "configs/fix_dapo.py", "sft", *HABIT),
+        _rl("grpo", "configs/fix_grpo.py", "sft", *HABIT),
+        _rl("ppo", "configs/fix_ppo.py", "sft", *HABIT),
+        _rl("dapo_no_penalty", "configs/fix_dapo_no_penalty.py", "sft", *HABIT),
+        _rl("dapo_filter_truncated", "configs/fix_dapo.py", "sft", *HABIT,
             "--config.algo.keep_truncated=False"),
     ],
     # 7. Retrieval (issue 8): NDCG / Recall as rewards; the raw-user-text row is every run's
-    #    eval/raw_ndcg. A short warm start leaves the reward room to act (configs' docstrings).
+    #    eval/raw_ndcg. From the habit warm start (the demonstrator sends the user's raw text;
+    #    in multi-turn mode it answers with it without searching).
     "retrieval": [
-        _warm_start("sft", "configs/retrieval_grpo_ndcg.py", sft_steps=60),
-        _rl("grpo_ndcg", "configs/retrieval_grpo_ndcg.py", "sft"),
-        _rl("grpo_recall", "configs/retrieval_grpo_recall.py", "sft"),
-        _warm_start("multiturn_sft", "configs/retrieval_multiturn.py", sft_steps=60),
-        _rl("multiturn_grpo", "configs/retrieval_multiturn.py", "multiturn_sft"),
+        _warm_start("sft", "configs/retrieval_grpo_ndcg.py", *HABIT),
+        _rl("grpo_ndcg", "configs/retrieval_grpo_ndcg.py", "sft", *HABIT),
+        _rl("grpo_recall", "configs/retrieval_grpo_recall.py", "sft", *HABIT),
+        _warm_start("multiturn_sft", "configs/retrieval_multiturn.py", *HABIT),
+        _rl("multiturn_grpo", "configs/retrieval_multiturn.py", "multiturn_sft", *HABIT),
     ],
     # 8. Per-turn think budget b vs a fixed total context (see _think_budget_arms).
     "think_budget": _think_budget_arms(),
@@ -206,21 +217,43 @@ EXPERIMENTS: dict[str, list[Arm]] = {
                                             THINK_2HOP_SFT_MAX_LEN),
     # 10. Reflexion (issue 9): success vs trial with Omega in {0, 1, 3} reflections in memory,
     #    for the SFT policy, the multi-turn RL policy (60 steps x 32 episodes) and a policy
-    #    meta-trained on 3-trial episodes with the same episode budget (20 steps x 3 x 32);
-    #    and the SFT policy writing its own reflections (the option for a pretrained model).
+    #    meta-trained on 3-trial episodes with the same episode budget (20 steps x 3 x 32); the
+    #    SFT policy writing its own reflections (the option for a pretrained model); and the
+    #    reflection that names the action to change (`--reflection action`: the template, then
+    #    the search the episode lacked / `run` when it never ran the tests), evaluated for the
+    #    same policies and meta-trained with. All from the habit warm starts of sections 1 / 6.
     "reflexion": [
-        _rl_steps("search_meta", "configs/search_reflexion.py", "tool_use/search2_sft", 20),
-        _reflexion("eval_search_sft", "configs/search_reflexion.py", "tool_use/search2_sft"),
-        _reflexion("eval_search_rl", "configs/search_reflexion.py", "tool_use/search2_ppo"),
-        _reflexion("eval_search_meta", "configs/search_reflexion.py", "search_meta"),
+        _rl_steps("search_meta", "configs/search_reflexion.py", "tool_use/search2_sft", 20,
+                  *HABIT),
+        _rl_steps("search_meta_action", "configs/search_reflexion.py", "tool_use/search2_sft",
+                  20, *HABIT, *RX_ACTION_SEARCH),
+        _reflexion("eval_search_sft", "configs/search_reflexion.py", "tool_use/search2_sft",
+                   *HABIT),
+        _reflexion("eval_search_rl", "configs/search_reflexion.py", "tool_use/search2_ppo",
+                   *HABIT),
+        _reflexion("eval_search_meta", "configs/search_reflexion.py", "search_meta", *HABIT),
         _reflexion("eval_search_sft_policy", "configs/search_reflexion.py",
-                   "tool_use/search2_sft", reflection="policy"),
-        _rl_steps("fix_meta", "configs/fix_reflexion.py", "fix/sft", 20),
-        _reflexion("eval_fix_sft", "configs/fix_reflexion.py", "fix/sft"),
-        _reflexion("eval_fix_rl", "configs/fix_reflexion.py", "fix/ppo"),
-        _reflexion("eval_fix_meta", "configs/fix_reflexion.py", "fix_meta"),
-        _reflexion("eval_fix_sft_policy", "configs/fix_reflexion.py", "fix/sft",
+                   "tool_use/search2_sft", *HABIT, reflection="policy"),
+        _reflexion("eval_search_sft_action", "configs/search_reflexion.py",
+                   "tool_use/search2_sft", *HABIT, *RX_ACTION_SEARCH, reflection="action"),
+        _reflexion("eval_search_rl_action", "configs/search_reflexion.py",
+                   "tool_use/search2_ppo", *HABIT, *RX_ACTION_SEARCH, reflection="action"),
+        _reflexion("eval_search_meta_action", "configs/search_reflexion.py",
+                   "search_meta_action", *HABIT, *RX_ACTION_SEARCH, reflection="action"),
+        _rl_steps("fix_meta", "configs/fix_reflexion.py", "fix/sft", 20, *HABIT),
+        _rl_steps("fix_meta_action", "configs/fix_reflexion.py", "fix/sft", 20, *HABIT,
+                  *RX_ACTION_FIX),
+        _reflexion("eval_fix_sft", "configs/fix_reflexion.py", "fix/sft", *HABIT),
+        _reflexion("eval_fix_rl", "configs/fix_reflexion.py", "fix/ppo", *HABIT),
+        _reflexion("eval_fix_meta", "configs/fix_reflexion.py", "fix_meta", *HABIT),
+        _reflexion("eval_fix_sft_policy", "configs/fix_reflexion.py", "fix/sft", *HABIT,
                    reflection="policy"),
+        _reflexion("eval_fix_sft_action", "configs/fix_reflexion.py", "fix/sft", *HABIT,
+                   *RX_ACTION_FIX, reflection="action"),
+        _reflexion("eval_fix_rl_action", "configs/fix_reflexion.py", "fix/ppo", *HABIT,
+                   *RX_ACTION_FIX, reflection="action"),
+        _reflexion("eval_fix_meta_action", "configs/fix_reflexion.py", "fix_meta_action",
+                   *HABIT, *RX_ACTION_FIX, reflection="action"),
     ],
 }
 
@@ -265,8 +298,10 @@ def _source_done(root: str, experiment: str, arm: Arm) -> str | None:
   return None if os.path.exists(os.path.join(source, "samples.txt")) else source
 
 
-def run(experiment: str, root: str, **scale) -> None:
+def run(experiment: str, root: str, arms: Sequence[str] = (), **scale) -> None:
   for arm in EXPERIMENTS[experiment]:
+    if arms and arm.name not in arms:
+      continue
     cmd, done = command(root, experiment, arm, **scale)
     if os.path.exists(done):
       print(f"[{experiment}/{arm.name}] done ({done})")
@@ -306,8 +341,12 @@ def main(argv):
   unknown = [n for n in names if n not in EXPERIMENTS]
   if unknown or not names:
     sys.exit(f"error: unknown experiment(s) {unknown}; choose from {list(EXPERIMENTS)} or all")
+  known = {arm.name for n in names for arm in EXPERIMENTS[n]}
+  bad = sorted(set(_ARMS.value) - known)
+  if bad:
+    sys.exit(f"error: --arms {bad} are not arms of {names}; `list` shows them")
   for name in names:
-    run(name, _ROOT.value, **scale)
+    run(name, _ROOT.value, _ARMS.value, **scale)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,10 @@ Reflections (`reflection=`):
   e.g. search: `<error> <the wrong answer> x0 r0 x1 ...` (the answer that was wrong and the
   chain links the agent had found); fix: what `run` reports on the final program.
   Through `TokenizedEnv` the same symbols are written as text (`<error> ...`).
+* `'action'`: the template followed by the action the failed episode should change, in the
+  agent's own action format (`env.action_reflection`, for environments with `names_actions`),
+  e.g. search: `<error> v x0 r0 x1 <call> search x1 </call>` (the search it lacked); fix:
+  `fail ... <call> run </call>` when it never ran the tests. A policy only has to copy it.
 * `'policy'`: the policy writes it. The failed trajectory's tokens followed by an instruction
   (symbol vocabulary: `<user> <error> <eot> <assistant>`; chat tokenizer: a user message with
   `REFLECT_INSTRUCTION` and the assistant header; `instruction=` changes the content) are the
@@ -61,7 +65,7 @@ from mtrl_jax.envs import wrappers
 from mtrl_jax.models import transformer as tf
 from mtrl_jax.types import Trajectory
 
-REFLECTIONS = ("template", "policy")
+REFLECTIONS = ("template", "action", "policy")
 REFLECT_INSTRUCTION = ("That attempt failed. In one short sentence, say what went wrong and what "
                        "to do differently next time.")
 
@@ -279,18 +283,22 @@ def make_reflexion(env: base.Environment, model_config: tf.ModelConfig,
   `.env` of the returned function for the wrapped one). `rollout_config.max_len` must hold the
   longer prompt. `params` are the policy's Transformer params. Trial n samples with
   `fold_in(sample_key, n)`; its environment draws the same task from `reset_keys` each trial.
-  L = `reflection_len` (default `env.reflection_len` for templates, 8 for the policy).
+  L = `reflection_len` (default `env.reflection_len` for templates, `env.action_reflection_len`
+  for 'action', 8 for the policy).
   Returns a `ReflexionResult` (jit it; vmap it over seeds' params).
   """
   if not isinstance(trials, int) or trials < 1:
     raise ValueError(f"reflexion.trials must be an integer >= 1, got {trials!r}")
   if reflection not in REFLECTIONS:
     raise ValueError(f"reflexion.reflection={reflection!r}; expected one of {REFLECTIONS}")
-  if reflection == "template":
-    native = env.reflection_len
-    if not native:
-      raise ValueError(f"reflexion.reflection='template': environment {env.name!r} has no "
+  if reflection in ("template", "action"):
+    if not env.reflection_len:
+      raise ValueError(f"reflexion.reflection={reflection!r}: environment {env.name!r} has no "
                        f"templated reflection (env.reflection); use reflection='policy'")
+    if reflection == "action" and not env.names_actions:
+      raise ValueError(f"reflexion.reflection='action': environment {env.name!r} names no action "
+                       f"to change (env.names_actions); use reflection='template' or 'policy'")
+    native = env.reflection_len if reflection == "template" else env.action_reflection_len
     L = native if reflection_len is None else reflection_len
   else:
     L = 8 if reflection_len is None else reflection_len
@@ -311,8 +319,9 @@ def make_reflexion(env: base.Environment, model_config: tf.ModelConfig,
   def reflect(params, traj: Trajectory, final_state, keys):
     """[B, L] reflection tokens and [B] lengths of every row (used only where it failed)."""
     if reflection == "template":
-      toks, n = jax.vmap(env.reflection)(final_state)
-      return toks, n
+      return jax.vmap(env.reflection)(final_state)
+    if reflection == "action":
+      return jax.vmap(env.action_reflection)(final_state)
     # Each row's length: up to its last non-pad token (a real tokenizer's id 0 may occur inside).
     written = jnp.max(jnp.where(traj.tokens != V.PAD_ID, jnp.arange(T) + 1, 0), axis=1)
     prompt, n = jax.vmap(lambda row, w: base.concat_segments(

@@ -130,6 +130,13 @@ def test_instance_part_names_the_size():
                                              r"Params EnvParams"):
     check.check_instance(WrongDefaults())
 
+  class NamesWithoutTemplate(Small):
+    names_actions = True  # the action reflection extends a template it does not have
+
+  with pytest.raises(EnvContractError, match=r"NamesWithoutTemplate.names_actions is True but "
+                                             r"reflection_len is 0"):
+    check.check_instance(NamesWithoutTemplate())
+
 
 # --- the dynamic part ---------------------------------------------------------------------------
 

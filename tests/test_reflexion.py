@@ -17,6 +17,7 @@ from mtrl_jax import train as train_lib
 from mtrl_jax.rl import collect as collect_lib
 from mtrl_jax import vocab as V
 from mtrl_jax.envs import registry
+from mtrl_jax.envs import wrappers
 from mtrl_jax.models import transformer as tf
 
 RC = R.RolloutConfig(num_envs=6, group_size=1, max_len=128, turn_budget=12)
@@ -124,11 +125,54 @@ def test_fix_reflection_is_what_run_reports_on_the_final_program():
   assert env.vocab.decode(reply).split()[0] == "fail"
 
 
+def test_search_action_reflection_names_the_search_it_lacked():
+  """The template, then the search of the first chain entity whose record was not read."""
+  env, p, _, _ = setup("search", hops=3)
+  k = jax.random.key(5)
+  s, _ = env.reset(k, p)
+  s, *_ = env.step(k, s, env.search_action(s.chain[0]), p)
+  wrong = (s.answer + 1) % (env.num_values * env.num_attributes)
+  s, *_ = env.step(k, s, env.answer_action(wrong), p)
+  assert int(env.hops_found(s)) == 1
+  toks, n = env.action_reflection(s)
+  voc, c = env.vocab, np.asarray(s.chain)
+  template = voc.decode(np.asarray(env.reflection(s)[0][:int(env.reflection(s)[1])])).split()
+  got = voc.decode(np.asarray(toks[:int(n)])).split()
+  assert got == template + ["<call>", "search", env.entity_names[c[1]], "</call>"]
+  assert toks.shape == (env.action_reflection_len,)
+  assert np.all(np.asarray(toks[int(n):]) == V.PAD_ID)
+  # Nothing done at all: the empty template, then the first search.
+  s0, _ = env.reset(k, p)
+  got0 = voc.decode(np.asarray(env.action_reflection(s0)[0][:int(env.action_reflection(s0)[1])]))
+  assert got0.split() == ["<call>", "search", env.entity_names[c[0]], "</call>"]
+
+
+def test_fix_action_reflection_names_run_then_the_failing_line():
+  """Never ran the tests (the habit): `run`; ran and still failing: `view` of the line `run`
+  names; the program passes but was not submitted: `submit`."""
+  env, p, _, _ = setup("fix")
+  k = jax.random.key(2)
+  s, _ = env.reset(k, p)
+  voc = env.vocab
+  words = lambda st: voc.decode(np.asarray(
+      env.action_reflection(st)[0][:int(env.action_reflection(st)[1])])).split()
+  template = lambda st: voc.decode(np.asarray(env.reflection(st)[0][:int(env.reflection(st)[1])])
+                                   ).split()
+  assert words(s) == template(s) + ["<call>", "run", "</call>"]
+  s, *_ = env.step(k, s, env.call_action(1), p)  # run
+  line = int(env.diagnose(s)[2])
+  assert template(s)[0] == "fail"
+  assert words(s) == template(s) + ["<call>", "view", str(line + 1), "</call>"]
+  fixed = s.replace(ops=s.ref_ops, args=s.ref_args)
+  assert words(fixed) == ["pass", "<call>", "submit", "</call>"]
+
+
 def reflexion_reference(env, cfg, params, env_params, rc, trials, memory, reset_keys,
-                        sample_keys):
+                        sample_keys, reflection="template"):
   """Plain Python loop over trials: rollout per trial, reflection, memory update (the last
   `memory` reflections, newest in the last slot)."""
-  L = env.reflection_len
+  reflect = env.reflection if reflection == "template" else env.action_reflection
+  L = env.reflection_len if reflection == "template" else env.action_reflection_len
   wrapped = RX.WithMemory(env, memory, L)
   play = jax.jit(functools.partial(R.make_rollout(wrapped, cfg, rc).rows,
                                    env_params_per_row=True, return_env_state=True))
@@ -148,7 +192,7 @@ def reflexion_reference(env, cfg, params, env_params, rc, trials, memory, reset_
     ks = jax.vmap(lambda k: jax.random.fold_in(k, n))(sample_keys)
     traj, final = play(params, reset_keys, ks, RX.MemoryParams(per_row, toks, lens))
     success = np.asarray(traj.info["success"]).astype(bool)
-    ref_toks, ref_n = jax.vmap(env.reflection)(final)
+    ref_toks, ref_n = jax.vmap(reflect)(final)
     for b in range(B):
       if not success[b] and not solved[b] and memory and int(ref_n[b]) > 0:
         mem[b] = (mem[b] + [list(np.asarray(ref_toks[b, :int(ref_n[b])]))])[-memory:]
@@ -157,18 +201,22 @@ def reflexion_reference(env, cfg, params, env_params, rc, trials, memory, reset_
   return out
 
 
-def test_trial_loop_matches_a_python_loop(memory=2):
+@pytest.mark.parametrize("reflection", ["template", "action"])
+def test_trial_loop_matches_a_python_loop(reflection, memory=2):
   # The noisy expert plays (it fails often, and its failures leave reflections to remember).
   env, env_params, cfg, params = setup("search", hops=2)
   env_params = env_params.replace(noise=0.7)
   rc = dataclasses.replace(RC, force_expert=True)
   reset_keys, sample_keys = keys(8)
-  run = RX.make_reflexion(env, cfg, rc, trials=3, memory=memory, keep_trajectories=True)
+  run = RX.make_reflexion(env, cfg, rc, trials=3, memory=memory, keep_trajectories=True,
+                          reflection=reflection)
   got = jax.jit(run)(params, reset_keys, sample_keys, env_params)
+  L = env.reflection_len if reflection == "template" else env.action_reflection_len
+  assert run.reflection_len == L
   chex.assert_shape(got.success, (3, 8))
-  chex.assert_shape(got.memory, (3, 8, memory, env.reflection_len))
+  chex.assert_shape(got.memory, (3, 8, memory, L))
   want = reflexion_reference(env, cfg, params, env_params, rc, 3, memory, reset_keys,
-                             sample_keys)
+                             sample_keys, reflection)
   for n, (success, solved, toks, lens, tokens) in enumerate(want):
     np.testing.assert_array_equal(np.asarray(got.success[n]), success)
     np.testing.assert_array_equal(np.asarray(got.solved[n]), solved)
@@ -271,6 +319,11 @@ def test_errors_name_the_setting():
     RX.make_reflexion(senv, scfg, RC, trials=0, memory=1)
   with pytest.raises(ValueError, match="reflection="):
     RX.make_reflexion(senv, scfg, RC, trials=2, memory=1, reflection="magic")
+
+  class Mute(wrappers.Wrapper):  # a templated reflection, but no action to name
+    names_actions = False
+  with pytest.raises(ValueError, match="names_actions"):
+    RX.make_reflexion(Mute(senv), scfg, RC, trials=2, memory=1, reflection="action")
   with pytest.raises(ValueError, match="memory"):
     RX.make_reflexion(senv, scfg, RC, trials=2, memory=-1)
   with pytest.raises(ValueError, match=r"max_len.*prompt_len"):

@@ -67,12 +67,16 @@ def test_memory_is_a_chat_system_message(tokenizer):
   assert text == want
 
 
-def test_tokenized_reflection_is_the_symbol_reflection_as_text(tokenizer):
-  """`TokenizedEnv.reflection` writes the inner environment's reflection of the same final
-  state as text, symbol by symbol (final states of a noisy expert's symbol rollout)."""
+@pytest.mark.parametrize("kind", ["reflection", "action_reflection"])
+def test_tokenized_reflection_is_the_symbol_reflection_as_text(tokenizer, kind):
+  """`TokenizedEnv.reflection` (and `.action_reflection`, the one naming the action to change)
+  writes the inner environment's reflection of the same final state as text, symbol by symbol
+  (final states of a noisy expert's symbol rollout)."""
   tok, inner = tokenizer, Search(hops=2)
   env = json_tool.TokenizedEnv(inner, tok)
-  assert env.reflection_len == inner.reflection_len * env._reply_table.shape[1]
+  assert env.names_actions
+  assert (getattr(env, f"{kind}_len")
+          == getattr(inner, f"{kind}_len") * env._reply_table.shape[1])
   cfg = tf.ModelConfig(vocab_size=inner.vocab.size, d_model=32, num_layers=1, num_heads=2,
                        num_kv_heads=1, mlp_dim=32)
   rc = R.RolloutConfig(num_envs=16, group_size=1, max_len=128, turn_budget=12,
@@ -81,8 +85,8 @@ def test_tokenized_reflection_is_the_symbol_reflection_as_text(tokenizer):
   traj, states = R.make_rollout(inner, cfg, rc).rows(
       tf.init_params(cfg, jax.random.key(0)), reset_keys, sample_keys,
       inner.default_params.replace(noise=0.7), return_env_state=True)
-  syms, sym_n = jax.vmap(inner.reflection)(states)
-  toks, tok_n = jax.jit(jax.vmap(env.reflection))(states)
+  syms, sym_n = jax.vmap(getattr(inner, kind))(states)
+  toks, tok_n = jax.jit(jax.vmap(getattr(env, kind)))(states)
   assert not np.all(np.asarray(traj.info["success"]))
   assert np.any(np.asarray(sym_n) >= 2)
   for b in range(16):

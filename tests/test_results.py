@@ -4,6 +4,8 @@ import importlib
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -124,28 +126,39 @@ def test_reflexion_report_table_and_plot(tmp_path):
       "0": {"solved": solved0, "success": solved0}, "1": {"solved": solved1,
                                                           "success": solved1}}}))
   table, _ = report.report_reflexion(str(root))
-  rows = [r for r in table.split("\n") if r.startswith("| search | SFT |")]
+  rows = [r for r in table.split("\n") if r.startswith("| search | SFT | template |")]
   assert len(rows) == 2
-  assert rows[0].startswith(f"| search | SFT | 0 | 2 | {report.fmt([0.2, 0.4])} | "
+  assert rows[0].startswith(f"| search | SFT | template | 0 | 2 | {report.fmt([0.2, 0.4])} | "
                             f"{report.fmt([0.4, 0.6])} | {report.fmt([0.5, 0.7])} | - |")
   assert rows[1].endswith(f"| {report.fmt([0.8, 0.9])} | {report.fmt([0.3, 0.2])} |")
-  assert "| fix | SFT | - | not run |" in table
-  assert "| search | SFT, own reflections | - | not run |" in table
-  # The same policy writing its own reflections: its own file, its own rows.
-  (run / "reflexion_policy.json").write_text(json.dumps({"memory": {
-      "0": {"solved": solved0, "success": solved0}, "3": {"solved": solved0,
-                                                          "success": solved0}}}))
-  table, _ = report.report_reflexion(str(root))
-  own = [r for r in table.split("\n") if r.startswith("| search | SFT, own reflections |")]
-  assert len(own) == 2 and own[1].startswith("| search | SFT, own reflections | 3 | 2 |")
-  assert own[1].endswith(f"| {report.fmt([0.0, 0.0])} |")
+  assert "| fix | SFT | template | - | not run |" in table
+  assert "| search | SFT | own (policy-written) | - | not run |" in table
+  assert "| search | SFT | template + action to change | - | not run |" in table
+  # The same policy writing its own reflections / naming the action: its own file, its own rows.
+  for kind, label in (("policy", "own (policy-written)"),
+                      ("action", "template + action to change")):
+    (run / f"reflexion_{kind}.json").write_text(json.dumps({"memory": {
+        "0": {"solved": solved0, "success": solved0}, "3": {"solved": solved0,
+                                                            "success": solved0}}}))
+    table, _ = report.report_reflexion(str(root))
+    own = [r for r in table.split("\n") if r.startswith(f"| search | SFT | {label} |")]
+    assert len(own) == 2 and own[1].startswith(f"| search | SFT | {label} | 3 | 2 |")
+    assert own[1].endswith(f"| {report.fmt([0.0, 0.0])} |")
   arms = {a.name: a for a in R.EXPERIMENTS["reflexion"]}
-  policy = arms["eval_search_sft_policy"]
-  assert policy.init_from == "tool_use/search2_sft" and policy.out == "reflexion_policy.json"
-  cmd, done = R.command(str(root), "reflexion", policy, seeds=5, sft_steps=200, rl_steps=60)
-  assert "--reflection=policy" in cmd and done == str(run / "reflexion_policy.json")
-  assert "--reflection=policy" not in R.command(str(root), "reflexion", arms["eval_search_sft"],
-                                                seeds=5, sft_steps=200, rl_steps=60)[0]
+  for kind in ("policy", "action"):
+    arm = arms[f"eval_search_sft_{kind}"]
+    assert arm.init_from == "tool_use/search2_sft" and arm.out == f"reflexion_{kind}.json"
+    cmd, done = R.command(str(root), "reflexion", arm, seeds=5, sft_steps=200, rl_steps=60)
+    assert f"--reflection={kind}" in cmd and done == str(run / f"reflexion_{kind}.json")
+  assert not any(c.startswith("--reflection=") for c in R.command(
+      str(root), "reflexion", arms["eval_search_sft"], seeds=5, sft_steps=200, rl_steps=60)[0])
+  # Every reflexion JSON the report reads is written by some arm.
+  written = {(a.init_from if a.program == "reflexion" else f"reflexion/{a.name}", a.out)
+             for a in R.EXPERIMENTS["reflexion"] if a.program == "reflexion"}
+  for _, _, (exp, name), kind in report.REFLEXION_POLICIES:
+    run_name = name if exp == "reflexion" else f"{exp}/{name}"
+    file = "reflexion.json" if kind == "template" else f"reflexion_{kind}.json"
+    assert (run_name, file) in written, (run_name, file)
   docs.mkdir()
   assert report.plot_reflexion(str(root), str(docs / "r.png"), "title")
   assert (docs / "r.png").stat().st_size > 1000
@@ -161,3 +174,19 @@ def test_an_arm_never_starts_from_an_unfinished_run(tmp_path):
   (sft / "samples.txt").write_text("done")
   assert R._source_done(str(tmp_path), "masking", arm) is None
   assert R._source_done(str(tmp_path), "tool_use", R.EXPERIMENTS["tool_use"][0]) is None
+
+
+def test_arms_flag_runs_only_the_named_arms(tmp_path):
+  """`--arms` restricts `run` to some arms (dry run: the commands it would start); an arm that
+  is not in the named experiments is an error that says so."""
+  base = [sys.executable, "-m", "experiments.results", "run", "tool_use", "--dry_run",
+          f"--root={tmp_path}"]
+  cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(base + ["--arms=search2_sft,search2_ppo"], capture_output=True,
+                       text=True, cwd=cwd)
+  assert out.returncode == 0, out.stderr
+  started = [line.split("]")[0][1:] for line in out.stdout.splitlines() if line.startswith("[")]
+  assert started == ["tool_use/search2_sft", "tool_use/search2_ppo"]
+  bad = subprocess.run(base + ["--arms=search2_sft,nope"], capture_output=True, text=True,
+                       cwd=cwd)
+  assert bad.returncode != 0 and "--arms ['nope'] are not arms of ['tool_use']" in bad.stderr

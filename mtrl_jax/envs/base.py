@@ -27,7 +27,7 @@ reply of a finished episode is empty, and `info` is assembled from the state.
 
 What an environment can do beyond the contract is declared, as class attributes of
 `Environment` with their defaults (override them in a subclass, as a class attribute or a
-property): `name`, `Params`, `empty_idle_actions`, `reflection_len`. Code reads them as plain
+property): `name`, `Params`, `empty_idle_actions`, `reflection_len`, `names_actions`. Code reads them as plain
 attributes (`env.reflection_len`), never with `getattr(env, ..., default)`. An environment that
 changes another one (a tool answered in Python, a memory in the prompt, a real tokenizer's
 ids) subclasses `mtrl_jax.envs.wrappers.Wrapper`, which forwards all of this.
@@ -137,12 +137,16 @@ class Environment(abc.ABC):
     reflection_len: tokens of the templated reflection on a failed episode (`reflection`, used
       by `mtrl_jax.reflexion`); 0 (default): the environment has none, and `reflection`
       raises.
+    names_actions: the environment also says which action a failed episode should change
+      (`reflection_action`), so `action_reflection` = the templated reflection followed by
+      that action (Reflexion's `reflection='action'`); False (default): it does not.
   """
 
   name: str = "env"
   Params: type = EnvParams
   empty_idle_actions: bool = False
   reflection_len: int = 0
+  names_actions: bool = False
 
   def __init__(self, vocab: V.Vocab | None = None):
     symbols = tuple(self.symbols())
@@ -212,6 +216,27 @@ class Environment(abc.ABC):
     `reflection_len > 0`; with the default `reflection_len = 0` there is none, and asking for
     it is a programming error (`reflexion.make_reflexion` checks `reflection_len` first)."""
     raise NotImplementedError(f"environment {self.name!r} has no templated reflection")
+
+  def reflection_action(self, state: EnvState) -> Action:
+    """The action a finished, failed episode should have taken differently, in the agent's own
+    action format ([action_len] tokens; the environment's choice, privileged like the
+    template). Override it together with `names_actions = True`."""
+    raise NotImplementedError(f"environment {self.name!r} names no action to change")
+
+  @property
+  def action_reflection_len(self) -> int:
+    """Tokens of `action_reflection`: the template's plus the action's (an upper bound)."""
+    return self.reflection_len + self.action_len
+
+  def action_reflection(self, state: EnvState) -> tuple[jax.Array, jax.Array]:
+    """The templated reflection followed by the action to change (`reflection_action`, without
+    its end-of-turn): e.g. search `<error> v x0 r0 x1 <call> search x1 </call>`. (tokens
+    [action_reflection_len] int32 padded, length [])."""
+    toks, n = self.reflection(state)
+    act = self.reflection_action(state)
+    last = act.tokens[jnp.clip(act.length - 1, 0, act.tokens.shape[0] - 1)]
+    m = act.length - (last == self.vocab.eot_id).astype(jnp.int32)
+    return concat_segments([(toks, n), (act.tokens, m)], self.action_reflection_len)
 
   # --- the public, shared part ------------------------------------------------------------
   def reset(self, key: jax.Array, params=None) -> tuple[EnvState, Observation]:

@@ -65,7 +65,7 @@ class EnvContractError(ValueError):
 # `base.Environment`, its declared capabilities, and the shared public methods.
 REQUIRED = ("symbols", "default_params", "prompt_len", "reply_len", "action_len", "max_turns",
             "reset_env", "step_env", "expert", "extra_info")
-CAPABILITIES = ("name", "Params", "empty_idle_actions", "reflection_len")
+CAPABILITIES = ("name", "Params", "empty_idle_actions", "reflection_len", "names_actions")
 SHARED = ("reset", "step", "info")
 BASE_INFO = ("success", "num_tool_calls", "format_errors", "num_turns", "truncated")
 # Policy modes of `EnvHarness`; a subclass's `extra_policies` are modes FIRST_EXTRA, ...
@@ -147,6 +147,11 @@ def check_instance(env: base.Environment) -> None:
   if not isinstance(env.reflection_len, (int, np.integer)) or env.reflection_len < 0:
     raise EnvContractError(f"{who}.reflection_len must be an integer >= 0, got "
                            f"{env.reflection_len!r}")
+  if not isinstance(env.names_actions, (bool, np.bool_)):
+    raise EnvContractError(f"{who}.names_actions must be a bool, got {env.names_actions!r}")
+  if env.names_actions and not env.reflection_len:
+    raise EnvContractError(f"{who}.names_actions is True but reflection_len is 0 (the action "
+                           f"reflection extends the templated one: implement `reflection`)")
 
 
 # --- the harness -------------------------------------------------------------------------------

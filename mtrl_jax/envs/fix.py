@@ -468,6 +468,15 @@ class Fix(base.Environment):
 
   # --- Reflexion ----------------------------------------------------------------------------
   reflection_len = 8
+  names_actions = True
+
+  def reflection_action(self, state: FixState) -> base.Action:
+    """What the failed episode should have done: `run` if it never ran the tests (the habit),
+    else `view l` of the line `run` reports failing, or `submit` if the final program passes."""
+    n_fail, _, line, _, _, _, _ = self.diagnose(state)
+    options = [self.call_action(TOOL_RUN), self.view_action(line), self.call_action(TOOL_SUBMIT)]
+    choice = jnp.where(state.runs == 0, 0, jnp.where(n_fail > 0, 1, 2))
+    return T.choose_action(choice, options)
 
   def reflection(self, state: FixState):
     """What `run` reports on the final program (`fail n line l got a want e`, or `pass` if it

@@ -742,6 +742,18 @@ class TokenizedEnv(wrappers.Wrapper):
     symbols, n = self.env.reflection(state)
     return self.translate(symbols, n, self._reply_table, self._reply_lens, self.reflection_len)
 
+  @property
+  def action_reflection_len(self) -> int:
+    """The inner environment's `action_reflection`, in tokens (an upper bound)."""
+    return self.env.action_reflection_len * self._reply_table.shape[1]
+
+  def action_reflection(self, state):
+    """The inner environment's reflection naming the action to change, written as text tokens:
+    (tokens [action_reflection_len] int32 padded, length [])."""
+    symbols, n = self.env.action_reflection(state)
+    return self.translate(symbols, n, self._reply_table, self._reply_lens,
+                          self.action_reflection_len)
+
   @staticmethod
   def translate(ids, length, table, lens, size: int, prefix=()) -> tuple[jax.Array, jax.Array]:
     """Symbol ids [N] (first `length` real) -> (token ids [size] int32, count []): `prefix`

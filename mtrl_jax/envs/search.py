@@ -355,6 +355,15 @@ class Search(base.Environment):
     return {"answered": state.answered, "hops_found": self.hops_found(state)}
 
   # --- Reflexion ----------------------------------------------------------------------------
+  names_actions = True
+
+  def reflection_action(self, state: SearchState) -> base.Action:
+    """The search the failed episode lacked: `<call> search x_k </call> <eot>` for the first
+    chain entity x_k whose record it had not read (k = hops found; all read: the last one,
+    whose record holds the answer)."""
+    k = jnp.minimum(self.hops_found(state), self.hops - 1)
+    return self.search_action(state.chain[k])
+
   @property
   def reflection_len(self) -> int:
     return 2 + 3 * (self.hops - 1)

@@ -14,8 +14,9 @@
 * static description - `vocab`, `symbols()`, `default_params`, `prompt_len`, `reply_len`,
   `action_len`, `max_turns` - is `env`'s;
 * declared capabilities (see `base.Environment`) - `name`, `Params`, `empty_idle_actions`,
-  `reflection_len` - are `env`'s;
-* hooks - `reset_env`, `step_env`, `expert`, `extra_info`, `reflection` - call `env`'s;
+  `reflection_len`, `names_actions` - are `env`'s;
+* hooks - `reset_env`, `step_env`, `expert`, `extra_info`, `reflection`, `reflection_action` -
+  call `env`'s;
 * other public attributes (an environment's own, e.g. `hops`, `tasks`, `tokenizer`) are read
   from `env` (`__getattr__`; names starting with `_` are not forwarded).
 
@@ -93,6 +94,10 @@ class Wrapper(base.Environment):
   def reflection_len(self) -> int:
     return self.env.reflection_len
 
+  @property
+  def names_actions(self) -> bool:
+    return self.env.names_actions
+
   # --- static description -------------------------------------------------------------------
   def symbols(self) -> Sequence[str]:
     return self.env.symbols()
@@ -133,3 +138,6 @@ class Wrapper(base.Environment):
 
   def reflection(self, state: base.EnvState) -> tuple[jax.Array, jax.Array]:
     return self.env.reflection(state)
+
+  def reflection_action(self, state: base.EnvState) -> base.Action:
+    return self.env.reflection_action(state)

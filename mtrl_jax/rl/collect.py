@@ -120,8 +120,9 @@ def reflexion_settings(config) -> dict[str, Any] | None:
   """`config.reflexion` (optional) -> `make_reflexion` kwargs, or None when off.
 
   train_trials: trials per RL episode (1 = off: ordinary episodes); memory: Omega reflections
-  kept; reflection: 'template' | 'policy'; reflection_len: tokens per reflection (0 = the
-  environment's template length)."""
+  kept; reflection: 'template' | 'action' | 'policy' (`mtrl_jax.reflexion`); reflection_len:
+  tokens per reflection (0 = the environment's length for 'template' / 'action', 8 for
+  'policy')."""
   section = config.get("reflexion", None)
   if section is None:
     return None

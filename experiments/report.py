@@ -269,6 +269,7 @@ def report_fix(root):
           ("DAPO, truncated episodes filtered out", ("fix", "dapo_filter_truncated"))]
   return _train_table(root, arms, [
       ("turns", lambda recs, evals: per_seed(last_eval(recs), "eval/turns")),
+      ("test runs", lambda recs, evals: per_seed(last_eval(recs), "eval/runs")),
       ("loops", lambda recs, evals: per_seed(last_eval(recs), "eval/loops")),
       ("truncated", lambda recs, evals: per_seed(last_eval(recs), "eval/truncated")),
       ("grad norm", lambda recs, evals: window(recs, "train/grad_norm")),

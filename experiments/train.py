@@ -287,8 +287,9 @@ def main(argv, *, sft_only: bool = False):
   if evals:
     ci = lambda r: (f"{r['eval/success_rate']:.2f} +- {1.96 * r['eval/success_se']:.2f}"
                     if r.get("eval/success_se") is not None else f"{r['eval/success_rate']:.2f}")
-    print(f"eval success: warm start {ci(evals[0])} -> final {ci(evals[-1])} (greedy, "
-          f"{config.train.eval_envs} fixed episodes, +- 95% CI)")
+    what = (f"warm start {ci(evals[0])} -> final {ci(evals[-1])}" if len(evals) > 1
+            else ci(evals[-1]))
+    print(f"eval success: {what} (greedy, {config.train.eval_envs} fixed episodes, +- 95% CI)")
   print(f"samples: {os.path.join(workdir, 'samples.txt')}; curves: {png}")
   print(samples[0])
 

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -150,7 +151,9 @@ class ProgressBar:
   """A tqdm bar over training steps showing rate, ETA and a few key metrics.
 
   `disable=None` (default) shows it only when stderr is a terminal, so logs of batch jobs and
-  captured test output stay clean (the JSONL log is the record).
+  captured test output stay clean (the JSONL log is the record); without the bar, a plain line
+  `step n/total (p%), elapsed, eta, metrics` goes to `file` at most every `plain_every_s`
+  seconds (0: never), so a long job in a log still shows it is alive.
 
   Args:
     total: the final step.
@@ -160,27 +163,48 @@ class ProgressBar:
     disable: True/False to force; None = only on a TTY.
     desc: a prefix for the bar.
     file: where the bar is drawn (default stderr).
+    plain_every_s: seconds between plain progress lines when the bar is not shown.
   """
 
   def __init__(self, total: int, *, keys: Iterable[str] = ("train/return", "train/success_rate"),
                initial: int = 0, disable: bool | None = None, desc: str | None = None,
-               file: Any = None):
+               file: Any = None, plain_every_s: float = 60.0):
     self.keys = tuple(keys)
     self._latest: dict[str, str] = {}
+    self._file = file or sys.stderr
     self._bar = tqdm.tqdm(total=total, initial=initial, desc=desc, disable=disable,
-                          dynamic_ncols=True, unit="step", file=file or sys.stderr, leave=True)
+                          dynamic_ncols=True, unit="step", file=self._file, leave=True)
+    self._total, self._initial, self._desc = int(total), int(initial), desc
+    self._plain_every = float(plain_every_s)
+    self._t0 = self._last_plain = time.monotonic()
 
   def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
     """Moves the bar to `step` and refreshes the shown metrics."""
-    if self._bar.disable:
+    if self._bar.disable and not self._plain_every:
       return
     shown = {k: metrics[k] for k in self.keys if metrics and k in metrics}
     self._latest.update({k: _format(v) for k, v in jax.device_get(shown).items()})
+    if self._bar.disable:
+      self._plain(int(step))
+      return
     if self._latest:
       self._bar.set_postfix_str(
           " ".join(f"{k}={self._latest[k]}" for k in self.keys if k in self._latest),
           refresh=False)
     self._bar.update(int(step) - self._bar.n)
+
+  def _plain(self, step: int) -> None:
+    now = time.monotonic()
+    if now - self._last_plain < self._plain_every:
+      return
+    self._last_plain = now
+    elapsed, done = now - self._t0, step - self._initial
+    eta = elapsed / done * (self._total - step) if done > 0 else float("nan")
+    shown = " ".join(f"{k}={self._latest[k]}" for k in self.keys if k in self._latest)
+    head = f"{self._desc}: " if self._desc else ""
+    print(f"{head}step {step}/{self._total} ({100 * step / max(self._total, 1):.0f}%), "
+          f"{elapsed / 60:.1f} min elapsed, eta {eta / 60:.1f} min {shown}".rstrip(),
+          file=self._file, flush=True)
 
   def close(self) -> None:
     self._bar.close()

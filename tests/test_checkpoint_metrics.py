@@ -436,11 +436,33 @@ def test_plot_learning_curves(tmp_path):
 
 
 def test_progress_bar_is_silent_when_not_a_tty(capsys):
+  """No bar without a terminal, and no plain line within `plain_every_s` (60 s default)."""
   with metrics_lib.ProgressBar(10, keys=("train/return", "eval/success_rate")) as bar:
     for s in range(1, 11):
       bar.update(s, {"train/return": jnp.float32(s), "other": 1.0})
   captured = capsys.readouterr()
   assert captured.out == "" and captured.err == ""
+
+
+def test_progress_without_a_tty_is_a_plain_line_now_and_then(monkeypatch):
+  """Without the bar, a long job still says where it is: one plain line per `plain_every_s`
+  (the clock is faked: 30 s per step, a line every 60 s)."""
+  clock = iter(range(0, 10_000, 30))
+  monkeypatch.setattr(metrics_lib.time, "monotonic", lambda: float(next(clock)))
+  out = io.StringIO()
+  with metrics_lib.ProgressBar(10, keys=("train/return",), disable=True, file=out,
+                               desc="fix", initial=2) as bar:
+    for s in range(3, 11):
+      bar.update(s, {"train/return": jnp.float32(s)})
+  lines = out.getvalue().splitlines()
+  assert len(lines) == 4  # 8 steps x 30 s: at 60, 120, 180, 240 s
+  assert lines[0] == "fix: step 4/10 (40%), 1.0 min elapsed, eta 3.0 min train/return=4"
+  assert lines[-1].startswith("fix: step 10/10 (100%), 4.0 min elapsed, eta 0.0 min")
+  quiet = io.StringIO()
+  with metrics_lib.ProgressBar(10, disable=True, file=quiet, plain_every_s=0) as bar:
+    for s in range(1, 11):
+      bar.update(s, {"train/return": 1.0})
+  assert quiet.getvalue() == ""
 
 
 def test_progress_bar_shows_key_metrics():

@@ -94,14 +94,21 @@ def test_remember_matches_a_python_reference(slots):
   np.testing.assert_array_equal(np.asarray(got[1]), want[1])
 
 
-def test_search_reflection_names_the_wrong_answer_and_the_links_found():
+def one_hop_then_wrong(key):
+  """A 3-hop search episode that reads the first record, then answers a wrong value:
+  (env, params, final state, the wrong value)."""
   env, p, _, _ = setup("search", hops=3)
-  k = jax.random.key(5)
-  s, _ = env.reset(k, p)
-  s, *_ = env.step(k, s, env.search_action(s.chain[0]), p)
+  s, _ = env.reset(key, p)
+  s, *_ = env.step(key, s, env.search_action(s.chain[0]), p)
   wrong = (s.answer + 1) % (env.num_values * env.num_attributes)
-  s, *_ = env.step(k, s, env.answer_action(wrong), p)
+  s, *_ = env.step(key, s, env.answer_action(wrong), p)
   assert not bool(s.success)
+  return env, p, s, wrong
+
+
+def test_search_reflection_names_the_wrong_answer_and_the_links_found():
+  k = jax.random.key(5)
+  env, p, s, wrong = one_hop_then_wrong(k)
   toks, n = env.reflection(s)
   voc = env.vocab
   c, r = np.asarray(s.chain), np.asarray(s.qrel)
@@ -127,12 +134,8 @@ def test_fix_reflection_is_what_run_reports_on_the_final_program():
 
 def test_search_action_reflection_names_the_search_it_lacked():
   """The template, then the search of the first chain entity whose record was not read."""
-  env, p, _, _ = setup("search", hops=3)
   k = jax.random.key(5)
-  s, _ = env.reset(k, p)
-  s, *_ = env.step(k, s, env.search_action(s.chain[0]), p)
-  wrong = (s.answer + 1) % (env.num_values * env.num_attributes)
-  s, *_ = env.step(k, s, env.answer_action(wrong), p)
+  env, p, s, _ = one_hop_then_wrong(k)
   assert int(env.hops_found(s)) == 1
   toks, n = env.action_reflection(s)
   voc, c = env.vocab, np.asarray(s.chain)

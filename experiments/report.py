@@ -440,7 +440,7 @@ REFLEXION_POLICIES = tuple(
         ("fix", ("fix", "sft"), ("fix", "ppo"), ("reflexion", "fix_meta"),
          ("reflexion", "fix_meta_action")))
     for label, run, kind in (
-        ("SFT", sft, "template"), ("SFT", sft, "action"), ("SFT", sft, "policy"),
+        ("SFT", sft, "template"), ("SFT", sft, "action"),
         ("multi-turn RL (PPO, 60 x 32 episodes)", rl, "template"),
         ("multi-turn RL (PPO, 60 x 32 episodes)", rl, "action"),
         ("meta-trained (PPO, 20 x 3 trials x 32)", meta, "template"),

@@ -65,12 +65,19 @@ def _rl_steps(name: str, config: str, sft: str, rl_steps: int, *overrides: str) 
   return Arm(name, "train", config, overrides, init_from=sft, rl_steps=rl_steps)
 
 
+# Reflexion evaluations: 256 tasks x 5 trials per seed, without memory (Omega = 0: independent
+# retries, the baseline) and with the last 3 reflections.
+REFLEXION_EVAL = ("--instances=256", "--memory=0,3")
+
+
 def _reflexion(name: str, config: str, policy: str, *overrides: str,
                reflection: str = "template") -> Arm:
   if reflection == "template":
-    return Arm(name, "reflexion", config, overrides, init_from=policy, out="reflexion.json")
+    return Arm(name, "reflexion", config, overrides, init_from=policy, out="reflexion.json",
+               flags=REFLEXION_EVAL)
   return Arm(name, "reflexion", config, overrides, init_from=policy,
-             out=f"reflexion_{reflection}.json", flags=(f"--reflection={reflection}",))
+             out=f"reflexion_{reflection}.json",
+             flags=(*REFLEXION_EVAL, f"--reflection={reflection}"))
 
 
 SEARCH3 = ("--config.env.hops=3", "--config.rollout.max_len=144")
@@ -215,13 +222,14 @@ EXPERIMENTS: dict[str, list[Arm]] = {
     "think_budget": _think_budget_arms(),
     "think_budget_2hop": _think_budget_arms(THINK_2HOP, THINK_2HOP_CONTEXT,
                                             THINK_2HOP_SFT_MAX_LEN),
-    # 10. Reflexion (issue 9): success vs trial with Omega in {0, 1, 3} reflections in memory,
-    #    for the SFT policy, the multi-turn RL policy (60 steps x 32 episodes) and a policy
-    #    meta-trained on 3-trial episodes with the same episode budget (20 steps x 3 x 32); the
-    #    SFT policy writing its own reflections (the option for a pretrained model); and the
-    #    reflection that names the action to change (`--reflection action`: the template, then
-    #    the search the episode lacked / `run` when it never ran the tests), evaluated for the
-    #    same policies and meta-trained with. All from the habit warm starts of sections 1 / 6.
+    # 10. Reflexion (issue 9): solved vs trial with Omega in {0, 3} reflections in memory
+    #    (REFLEXION_EVAL), for the SFT policy, the multi-turn RL policy (60 steps x 32
+    #    episodes) and a policy meta-trained on 3-trial episodes with the same episode budget
+    #    (20 steps x 3 x 32), with the templated reflection and with the one that names the
+    #    action to change (`--reflection action`: the template, then the search the episode
+    #    lacked / `run` when it never ran the tests; meta-trained with it as well). All from
+    #    the habit warm starts of sections 1 / 6. (`--reflection policy`, the SFT policy
+    #    writing its own, is `experiments.reflexion`'s option for a pretrained model.)
     "reflexion": [
         _rl_steps("search_meta", "configs/search_reflexion.py", "tool_use/search2_sft", 20,
                   *HABIT),
@@ -232,8 +240,6 @@ EXPERIMENTS: dict[str, list[Arm]] = {
         _reflexion("eval_search_rl", "configs/search_reflexion.py", "tool_use/search2_ppo",
                    *HABIT),
         _reflexion("eval_search_meta", "configs/search_reflexion.py", "search_meta", *HABIT),
-        _reflexion("eval_search_sft_policy", "configs/search_reflexion.py",
-                   "tool_use/search2_sft", *HABIT, reflection="policy"),
         _reflexion("eval_search_sft_action", "configs/search_reflexion.py",
                    "tool_use/search2_sft", *HABIT, *RX_ACTION_SEARCH, reflection="action"),
         _reflexion("eval_search_rl_action", "configs/search_reflexion.py",
@@ -246,8 +252,6 @@ EXPERIMENTS: dict[str, list[Arm]] = {
         _reflexion("eval_fix_sft", "configs/fix_reflexion.py", "fix/sft", *HABIT),
         _reflexion("eval_fix_rl", "configs/fix_reflexion.py", "fix/ppo", *HABIT),
         _reflexion("eval_fix_meta", "configs/fix_reflexion.py", "fix_meta", *HABIT),
-        _reflexion("eval_fix_sft_policy", "configs/fix_reflexion.py", "fix/sft", *HABIT,
-                   reflection="policy"),
         _reflexion("eval_fix_sft_action", "configs/fix_reflexion.py", "fix/sft", *HABIT,
                    *RX_ACTION_FIX, reflection="action"),
         _reflexion("eval_fix_rl_action", "configs/fix_reflexion.py", "fix/ppo", *HABIT,

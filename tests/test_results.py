@@ -132,11 +132,9 @@ def test_reflexion_report_table_and_plot(tmp_path):
                             f"{report.fmt([0.4, 0.6])} | {report.fmt([0.5, 0.7])} | - |")
   assert rows[1].endswith(f"| {report.fmt([0.8, 0.9])} | {report.fmt([0.3, 0.2])} |")
   assert "| fix | SFT | template | - | not run |" in table
-  assert "| search | SFT | own (policy-written) | - | not run |" in table
   assert "| search | SFT | template + action to change | - | not run |" in table
-  # The same policy writing its own reflections / naming the action: its own file, its own rows.
-  for kind, label in (("policy", "own (policy-written)"),
-                      ("action", "template + action to change")):
+  # The same policy with the reflection naming the action: its own file, its own rows.
+  for kind, label in (("action", "template + action to change"),):
     (run / f"reflexion_{kind}.json").write_text(json.dumps({"memory": {
         "0": {"solved": solved0, "success": solved0}, "3": {"solved": solved0,
                                                             "success": solved0}}}))
@@ -145,11 +143,11 @@ def test_reflexion_report_table_and_plot(tmp_path):
     assert len(own) == 2 and own[1].startswith(f"| search | SFT | {label} | 3 | 2 |")
     assert own[1].endswith(f"| {report.fmt([0.0, 0.0])} |")
   arms = {a.name: a for a in R.EXPERIMENTS["reflexion"]}
-  for kind in ("policy", "action"):
-    arm = arms[f"eval_search_sft_{kind}"]
-    assert arm.init_from == "tool_use/search2_sft" and arm.out == f"reflexion_{kind}.json"
-    cmd, done = R.command(str(root), "reflexion", arm, seeds=5, sft_steps=200, rl_steps=60)
-    assert f"--reflection={kind}" in cmd and done == str(run / f"reflexion_{kind}.json")
+  arm = arms["eval_search_sft_action"]
+  assert arm.init_from == "tool_use/search2_sft" and arm.out == "reflexion_action.json"
+  cmd, done = R.command(str(root), "reflexion", arm, seeds=5, sft_steps=200, rl_steps=60)
+  assert "--reflection=action" in cmd and done == str(run / "reflexion_action.json")
+  assert "--instances=256" in cmd and "--memory=0,3" in cmd
   assert not any(c.startswith("--reflection=") for c in R.command(
       str(root), "reflexion", arms["eval_search_sft"], seeds=5, sft_steps=200, rl_steps=60)[0])
   # Every reflexion JSON the report reads is written by some arm.

@@ -31,7 +31,8 @@ _SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds per arm (vmapped).")
 _SFT_STEPS = flags.DEFINE_integer("sft_steps", 200, "SFT steps of the warm starts.")
 _RL_STEPS = flags.DEFINE_integer("rl_steps", 60, "RL steps of every RL arm.")
 _DRY = flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.")
-_ARMS = flags.DEFINE_list("arms", [], "Run only these arms of the named experiments (default: all).")
+_ARMS = flags.DEFINE_list("arms", [],
+                          "Run only these arms of the named experiments (default: all).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,10 +27,11 @@ reply of a finished episode is empty, and `info` is assembled from the state.
 
 What an environment can do beyond the contract is declared, as class attributes of
 `Environment` with their defaults (override them in a subclass, as a class attribute or a
-property): `name`, `Params`, `empty_idle_actions`, `reflection_len`, `names_actions`. Code reads them as plain
-attributes (`env.reflection_len`), never with `getattr(env, ..., default)`. An environment that
-changes another one (a tool answered in Python, a memory in the prompt, a real tokenizer's
-ids) subclasses `mtrl_jax.envs.wrappers.Wrapper`, which forwards all of this.
+property): `name`, `Params`, `empty_idle_actions`, `reflection_len`, `names_actions`. Code
+reads them as plain attributes (`env.reflection_len`), never with `getattr(env, ..., default)`.
+An environment that changes another one (a tool answered in Python, a memory in the prompt,
+a real tokenizer's ids) subclasses `mtrl_jax.envs.wrappers.Wrapper`, which forwards all of
+this.
 
 `mtrl_jax.envs.check_env(env)` checks an environment against this contract (`envs.check`).
 """

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -164,11 +164,13 @@ class ProgressBar:
     desc: a prefix for the bar.
     file: where the bar is drawn (default stderr).
     plain_every_s: seconds between plain progress lines when the bar is not shown.
+    clock: the seconds clock those lines are timed by (a test's fake clock).
   """
 
   def __init__(self, total: int, *, keys: Iterable[str] = ("train/return", "train/success_rate"),
                initial: int = 0, disable: bool | None = None, desc: str | None = None,
-               file: Any = None, plain_every_s: float = 60.0):
+               file: Any = None, plain_every_s: float = 60.0,
+               clock: Callable[[], float] = time.monotonic):
     self.keys = tuple(keys)
     self._latest: dict[str, str] = {}
     self._file = file or sys.stderr
@@ -176,7 +178,8 @@ class ProgressBar:
                           dynamic_ncols=True, unit="step", file=self._file, leave=True)
     self._total, self._initial, self._desc = int(total), int(initial), desc
     self._plain_every = float(plain_every_s)
-    self._t0 = self._last_plain = time.monotonic()
+    self._clock = clock
+    self._t0 = self._last_plain = clock()
 
   def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
     """Moves the bar to `step` and refreshes the shown metrics."""
@@ -194,7 +197,7 @@ class ProgressBar:
     self._bar.update(int(step) - self._bar.n)
 
   def _plain(self, step: int) -> None:
-    now = time.monotonic()
+    now = self._clock()
     if now - self._last_plain < self._plain_every:
       return
     self._last_plain = now

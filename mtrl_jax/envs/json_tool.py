@@ -731,28 +731,31 @@ class TokenizedEnv(wrappers.Wrapper):
   def action_len(self):
     return self._action_len
 
+  # Reflections: the inner environment's symbols written as text, each symbol at most one
+  # reply-table row wide (so the lengths are upper bounds).
   @property
   def reflection_len(self) -> int:
-    """The inner environment's templated reflection (0: none), in tokens (an upper bound)."""
+    """The inner environment's templated reflection (0: none), in tokens."""
     return self.env.reflection_len * self._reply_table.shape[1]
 
   def reflection(self, state):
-    """The inner environment's templated reflection written as text tokens (`mtrl_jax.reflexion`):
+    """The inner environment's templated reflection as text tokens (`mtrl_jax.reflexion`):
     (tokens [reflection_len] int32 padded, length [])."""
-    symbols, n = self.env.reflection(state)
-    return self.translate(symbols, n, self._reply_table, self._reply_lens, self.reflection_len)
+    return self._as_text(self.env.reflection(state), self.reflection_len)
 
   @property
   def action_reflection_len(self) -> int:
-    """The inner environment's `action_reflection`, in tokens (an upper bound)."""
+    """The inner environment's `action_reflection`, in tokens."""
     return self.env.action_reflection_len * self._reply_table.shape[1]
 
   def action_reflection(self, state):
-    """The inner environment's reflection naming the action to change, written as text tokens:
+    """The inner environment's reflection naming the action to change, as text tokens:
     (tokens [action_reflection_len] int32 padded, length [])."""
-    symbols, n = self.env.action_reflection(state)
-    return self.translate(symbols, n, self._reply_table, self._reply_lens,
-                          self.action_reflection_len)
+    return self._as_text(self.env.action_reflection(state), self.action_reflection_len)
+
+  def _as_text(self, symbols_and_length, size: int) -> tuple[jax.Array, jax.Array]:
+    symbols, n = symbols_and_length
+    return self.translate(symbols, n, self._reply_table, self._reply_lens, size)
 
   @staticmethod
   def translate(ids, length, table, lens, size: int, prefix=()) -> tuple[jax.Array, jax.Array]:

@@ -134,14 +134,14 @@ def test_reflexion_report_table_and_plot(tmp_path):
   assert "| fix | SFT | template | - | not run |" in table
   assert "| search | SFT | template + action to change | - | not run |" in table
   # The same policy with the reflection naming the action: its own file, its own rows.
-  for kind, label in (("action", "template + action to change"),):
-    (run / f"reflexion_{kind}.json").write_text(json.dumps({"memory": {
-        "0": {"solved": solved0, "success": solved0}, "3": {"solved": solved0,
-                                                            "success": solved0}}}))
-    table, _ = report.report_reflexion(str(root))
-    own = [r for r in table.split("\n") if r.startswith(f"| search | SFT | {label} |")]
-    assert len(own) == 2 and own[1].startswith(f"| search | SFT | {label} | 3 | 2 |")
-    assert own[1].endswith(f"| {report.fmt([0.0, 0.0])} |")
+  (run / "reflexion_action.json").write_text(json.dumps({"memory": {
+      "0": {"solved": solved0, "success": solved0}, "3": {"solved": solved0,
+                                                          "success": solved0}}}))
+  table, _ = report.report_reflexion(str(root))
+  label = "template + action to change"
+  own = [r for r in table.split("\n") if r.startswith(f"| search | SFT | {label} |")]
+  assert len(own) == 2 and own[1].startswith(f"| search | SFT | {label} | 3 | 2 |")
+  assert own[1].endswith(f"| {report.fmt([0.0, 0.0])} |")
   arms = {a.name: a for a in R.EXPERIMENTS["reflexion"]}
   arm = arms["eval_search_sft_action"]
   assert arm.init_from == "tool_use/search2_sft" and arm.out == "reflexion_action.json"
@@ -151,8 +151,7 @@ def test_reflexion_report_table_and_plot(tmp_path):
   assert not any(c.startswith("--reflection=") for c in R.command(
       str(root), "reflexion", arms["eval_search_sft"], seeds=5, sft_steps=200, rl_steps=60)[0])
   # Every reflexion JSON the report reads is written by some arm.
-  written = {(a.init_from if a.program == "reflexion" else f"reflexion/{a.name}", a.out)
-             for a in R.EXPERIMENTS["reflexion"] if a.program == "reflexion"}
+  written = {(a.init_from, a.out) for a in R.EXPERIMENTS["reflexion"] if a.program == "reflexion"}
   for _, _, (exp, name), kind in report.REFLEXION_POLICIES:
     run_name = name if exp == "reflexion" else f"{exp}/{name}"
     file = "reflexion.json" if kind == "template" else f"reflexion_{kind}.json"

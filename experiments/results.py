@@ -101,14 +101,17 @@ RX_ACTION_FIX = ("--config.reflexion.reflection=action", "--config.rollout.max_l
 
 # 8. Per-turn think budget (issue 9, part 2): configs/search_think.py (3 hops, 192-token context,
 #    demonstrations that think 40 tokens per turn). b = None: no per-turn cap, only the context.
-#    think_budget_2hop: the same with 2 hops in a 160-token context (a stronger warm start).
+#    think_budget_2hop: 2 hops in a 160-token context from a warm start that succeeds by
+#    searching (issue 18): clean demonstrations (no noise), 300 SFT steps, GRPO 40 steps with
+#    the KL term of the habit setting, GRPO arms for b in {0, 16, none} only (time).
 THINK = "configs/search_think.py"
 THINK_BUDGETS: tuple[tuple[str, int | None], ...] = (
     ("b0", 0), ("b4", 4), ("b16", 16), ("b64", 64), ("unlimited", None))
-THINK_EVAL = ("--instances=32", "--samples=4")  # 128 sampled episodes per seed
-THINK_2HOP = ("--config.env.hops=2",)
+THINK_EVAL = ("--instances=64", "--samples=4")  # 256 sampled episodes per seed
+THINK_2HOP = ("--config.env.hops=2", "--config.sft.noise=0.0", "--config.algo.kl_coef=0.05")
 THINK_2HOP_CONTEXT = 160  # 2 searches thinking like the demonstrations fit, the answer does not
 THINK_2HOP_SFT_MAX_LEN = 278  # the longest 2-hop demonstration: 10 + 4 turns * (44 + 7 + 16)
+THINK_2HOP_RL = ("b0", "b16", "unlimited")
 
 
 def _think(b: int | None) -> tuple[str, ...]:
@@ -116,20 +119,27 @@ def _think(b: int | None) -> tuple[str, ...]:
 
 
 def _think_budget_arms(env: tuple[str, ...] = (), context: int | None = None,
-                       sft_max_len: int | None = None) -> list[Arm]:
+                       sft_max_len: int | None = None, sft_steps: int | None = None,
+                       rl_steps: int | None = None,
+                       rl_budgets: Sequence[str] | None = None) -> list[Arm]:
   """SFT (at the demonstrations' length `sft_max_len`), its evaluation under every b, then per
-  b a GRPO run trained with b and its evaluation with the same b, all in `context` tokens
-  (None: the config's). `env`: overrides of every arm (the task)."""
+  b in `rl_budgets` (names of THINK_BUDGETS; None: all) a GRPO run trained with b and its
+  evaluation with the same b, all in `context` tokens (None: the config's). `env`: overrides of
+  every arm (the task); `sft_steps` / `rl_steps`: the arms' own lengths (None: the flags')."""
   from configs import search_think
   sft_max_len = search_think.SFT_MAX_LEN if sft_max_len is None else sft_max_len
   ctx = () if context is None else (f"--config.rollout.max_len={context}",)
-  arms = [_warm_start("sft", THINK, *env, f"--config.rollout.max_len={sft_max_len}")]
+  arms = [_warm_start("sft", THINK, *env, f"--config.rollout.max_len={sft_max_len}",
+                      sft_steps=sft_steps)]
   arms += [Arm(f"sft_eval_{name}", "evaluate", THINK,
                ("--config.sft.steps=0", *env, *ctx, *_think(b)),
                init_from="sft", out=f"eval_{name}.json", flags=THINK_EVAL)
            for name, b in THINK_BUDGETS]
   for name, b in THINK_BUDGETS:
-    arms += [_rl(f"grpo_{name}", THINK, "sft", *env, *ctx, *_think(b)),
+    if rl_budgets is not None and name not in rl_budgets:
+      continue
+    arms += [Arm(f"grpo_{name}", "train", THINK, (*env, *ctx, *_think(b)), init_from="sft",
+                 rl_steps=rl_steps),
              Arm(f"grpo_{name}_eval", "evaluate", THINK,
                  ("--config.sft.steps=0", *env, *ctx, *_think(b)),
                  init_from=f"grpo_{name}", out="eval.json", flags=THINK_EVAL)]
@@ -222,7 +232,8 @@ EXPERIMENTS: dict[str, list[Arm]] = {
     # 8. Per-turn think budget b vs a fixed total context (see _think_budget_arms).
     "think_budget": _think_budget_arms(),
     "think_budget_2hop": _think_budget_arms(THINK_2HOP, THINK_2HOP_CONTEXT,
-                                            THINK_2HOP_SFT_MAX_LEN),
+                                            THINK_2HOP_SFT_MAX_LEN, sft_steps=300, rl_steps=40,
+                                            rl_budgets=THINK_2HOP_RL),
     # 10. Reflexion (issue 9): solved vs trial with Omega in {0, 3} reflections in memory
     #    (REFLEXION_EVAL), for the SFT policy, the multi-turn RL policy (60 steps x 32
     #    episodes) and a policy meta-trained on 3-trial episodes with the same episode budget

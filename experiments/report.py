@@ -358,13 +358,22 @@ def think_budget_points(root, experiment: str = "think_budget"
   return out
 
 
+def _defined_rl_labels(experiment: str) -> list[str]:
+  """b labels of the GRPO arms `experiment` defines (an experiment may run only some b)."""
+  names = {a.name for a in R.EXPERIMENTS.get(experiment, [])}
+  return ["none" if b is None else str(b) for name, b in R.THINK_BUDGETS
+          if not names or f"grpo_{name}" in names]
+
+
 def report_think_budget(root, experiment: str = "think_budget"):
   points = think_budget_points(root, experiment)
   labels = ["none" if b is None else str(b) for _, b in R.THINK_BUDGETS]
+  rl_labels = _defined_rl_labels(experiment)
   get = lambda phase, label: dict(points.get(phase, [])).get(label)
   rows = []
-  for phase, policy in (("eval", "SFT, capped at eval"), ("train", "GRPO, trained with the cap")):
-    for label in labels:
+  for phase, policy, phase_labels in (("eval", "SFT, capped at eval", labels),
+                                      ("train", "GRPO, trained with the cap", rl_labels)):
+    for label in phase_labels:
       data = get(phase, label)
       if data is None:
         rows.append([label, policy, "not run"] + [""] * len(THINK_METRICS))
@@ -374,21 +383,31 @@ def report_think_budget(root, experiment: str = "think_budget"):
   sampled = _table(["per-turn think budget b", "policy", "seeds"] +
                    [t for t, _, _ in THINK_METRICS], rows)
   rows = []
-  for label in labels:
+  uncapped = get("rl_end", "none")
+  for label in rl_labels:
     start, end = get("rl_start", label), get("rl_end", label)
     if start is None:
-      rows.append([label, "not run"] + [""] * (2 * len(THINK_GREEDY) + 1))
+      rows.append([label, "not run"] + [""] * (2 * len(THINK_GREEDY) + 3))
       continue
     steps = int(end["step"][0] - start["step"][0]) if end else 0
+    paired = lambda a, b: (fmt(np.subtract(a["success"], b["success"]))
+                           if a and b and len(a["success"]) == len(b["success"]) else "-")
     rows.append([label, str(len(start["success"])), str(steps)] +
                 [fmt(d[k]) if d else "-" for d in (start, end)
-                 for k in ("success", "hops_found", "truncated")])
+                 for k in ("success", "hops_found", "truncated")] +
+                [paired(end, start), paired(end, uncapped) if label != "none" else "-"])
   greedy = _table(["b", "seeds", "RL steps"] +
-                  [f"{t}, {when}" for when in ("SFT", "after GRPO") for t, _ in THINK_GREEDY],
-                  rows)
-  return ("**Sampled evaluation** (`experiments.evaluate`: 32 instances x 4 samples per seed, "
-          f"temperature 1)\n\n{sampled}\n\n**Greedy evaluation during GRPO** (64 fixed "
-          "episodes; SFT = the run's step-0 evaluation, i.e. the SFT policy with the cap; "
+                  [f"{t}, {when}" for when in ("SFT", "after GRPO") for t, _ in THINK_GREEDY] +
+                  ["exact match, GRPO - SFT (paired by seed)",
+                   "exact match after GRPO, b - none (paired by seed)"], rows)
+  sizes = [json.load(open(path)) for path in
+           (os.path.join(R.arm_dir(root, experiment, "sft"), f"eval_{name}.json")
+            for name, _ in R.THINK_BUDGETS) if os.path.exists(path)]
+  size = (f"{sizes[0]['instances']} instances x {sizes[0]['samples']} samples per seed"
+          if sizes and "instances" in sizes[0] else "instances x samples per seed")
+  return (f"**Sampled evaluation** (`experiments.evaluate`: {size}, temperature 1)\n\n"
+          f"{sampled}\n\n**Greedy evaluation during GRPO** (`train.eval_envs` fixed "
+          "episodes per seed; SFT = the run's step-0 evaluation, i.e. the SFT policy with the cap; "
           "truncated = context or turn limit)\n\n" + greedy), {}
 
 

@@ -245,9 +245,23 @@ def test_think_budget_arms(experiment, hops, context):
   ctx = [] if context is None else [f"--config.rollout.max_len={context}"]
   hop = [] if hops == 3 else [f"--config.env.hops={hops}"]
   assert [o for o in sft.overrides if "hops" in o] == hop
+  # The 2-hop rerun (issue 18): clean demonstrations, the habit setting's KL term, its own
+  # SFT / RL lengths and GRPO arms for some b only.
+  clean = ["--config.sft.noise=0.0", "--config.algo.kl_coef=0.05"] if hops == 2 else []
+  rl_names = R.THINK_2HOP_RL if hops == 2 else [name for name, _ in R.THINK_BUDGETS]
+  rl_steps = 40 if hops == 2 else 60
+  assert sorted(n for n in arms if n.startswith("grpo_") and not n.endswith("_eval")) == sorted(
+      f"grpo_{n}" for n in rl_names)
+  cmd, _ = R.command("runs/results", experiment, sft, seeds=5, sft_steps=200, rl_steps=60)
+  assert f"--config.sft.steps={300 if hops == 2 else 200}" in cmd
   for name, b in R.THINK_BUDGETS:
     want = () if b is None else (f"--config.rollout.think_budget={b}",)
-    ev, rl, rl_ev = arms[f"sft_eval_{name}"], arms[f"grpo_{name}"], arms[f"grpo_{name}_eval"]
+    ev = arms[f"sft_eval_{name}"]
+    assert [o for o in ev.overrides if o in clean] == clean
+    if name not in rl_names:
+      assert f"grpo_{name}_eval" not in arms
+      continue
+    rl, rl_ev = arms[f"grpo_{name}"], arms[f"grpo_{name}_eval"]
     assert ev.program == rl_ev.program == "evaluate" and rl.program == "train"
     assert ev.init_from == rl.init_from == "sft" and rl_ev.init_from == f"grpo_{name}"
     for arm in (ev, rl, rl_ev):  # the same total context (and task) everywhere
@@ -256,16 +270,18 @@ def test_think_budget_arms(experiment, hops, context):
       assert [o for o in arm.overrides if "hops" in o] == hop
     cmd, done = R.command("runs/results", experiment, rl_ev, seeds=5, sft_steps=200,
                           rl_steps=60)
-    assert "--samples=4" in cmd and "--instances=32" in cmd
+    assert "--samples=4" in cmd and "--instances=64" in cmd  # 256 sampled episodes per seed
     assert done.endswith(f"{experiment}/grpo_{name}/eval.json")
     cmd, _ = R.command("runs/results", experiment, rl, seeds=5, sft_steps=200, rl_steps=60)
-    assert "--config.sft.steps=0" in cmd and "--config.train.steps=60" in cmd
+    assert "--config.sft.steps=0" in cmd and f"--config.train.steps={rl_steps}" in cmd
+    assert [o for o in rl.overrides if o in clean] == clean
   assert [b for _, b in R.THINK_BUDGETS] == [0, 4, 16, 64, None]
 
 
-def _fake_eval(path, rows):
+def _fake_eval(path, rows, size=None):
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({"per_seed": rows}))
+  extra = {} if size is None else {"instances": size[0], "samples": size[1]}
+  path.write_text(json.dumps({"per_seed": rows, **extra}))
 
 
 @pytest.mark.parametrize("experiment,title", [("think_budget", "Search, 3 hops"),
@@ -274,7 +290,7 @@ def test_think_budget_table_and_plot(tmp_path, experiment, title):
   root, docs = tmp_path / "runs", tmp_path / "docs"
   rows = lambda s: [{"success": s + 0.1 * i, "hops_found": 2.0 + i, "out_of_context": 0.5,
                      "think_tokens": 4.0} for i in range(3)]
-  _fake_eval(root / experiment / "sft" / "eval_b16.json", rows(0.2))
+  _fake_eval(root / experiment / "sft" / "eval_b16.json", rows(0.2), size=(32, 4))
   _fake_eval(root / experiment / "grpo_b0" / "eval.json", rows(0.6))
   w = metrics_lib.MetricsWriter(str(root / experiment / "grpo_unlimited"))
   for step, succ in ((0, [0.1, 0.3]), (5, [0.0, 0.0]), (10, [0.5, 0.9])):
@@ -303,15 +319,23 @@ def test_think_budget_table_and_plot(tmp_path, experiment, title):
   m, h = report.mean_ci([0.6, 0.7, 0.8])
   assert f"| 0 | GRPO, trained with the cap | 3 | {m:.2f} ± {h:.2f} |" in text
   assert "| none | SFT, capped at eval | not run |" in text
-  assert "| 4 | GRPO, trained with the cap | not run |" in text
+  grpo_4_row = "| 4 | GRPO, trained with the cap | not run |" in text
+  assert grpo_4_row == (experiment == "think_budget")  # the 2-hop rerun defines no b = 4 arm
   # Greedy in-training evaluations: the first (the SFT policy with the cap) and the last.
   m0, h0 = report.mean_ci([0.1, 0.3])
   m1, h1 = report.mean_ci([0.5, 0.9])
   t1 = report.mean_ci([1.0, 0.5])
+  g, gh = report.mean_ci([0.4, 0.6])  # GRPO - SFT per seed: 0.5 - 0.1, 0.9 - 0.3
   assert (f"| none | 2 | 10 | {m0:.2f} ± {h0:.2f} | 2.00 ± 0.00 | {t1[0]:.2f} ± {t1[1]:.2f} | "
-          f"{m1:.2f} ± {h1:.2f} | 2.00 ± 0.00 |") in text
-  assert "| 64 | not run |" in text
-  assert "| 4 | 1 | 0 | 0.25 ± 0.00 | 1.00 ± 0.00 | 0.00 ± 0.00 | - | - | - |" in text
+          f"{m1:.2f} ± {h1:.2f} | 2.00 ± 0.00 | {t1[0]:.2f} ± {t1[1]:.2f} | "
+          f"{g:.2f} ± {gh:.2f} | - |") in text
+  assert "32 instances x 4 samples per seed" in text  # read from the evaluation files
+  if experiment == "think_budget":
+    assert "| 64 | not run |" in text
+    assert "| 4 | 1 | 0 | 0.25 ± 0.00 | 1.00 ± 0.00 | 0.00 ± 0.00 | - | - | - | - | - |" in text
+  else:  # GRPO arms the 2-hop rerun does not define are not rows (its b4 record is ignored)
+    assert "| 64 | not run |" not in text and "| 4 | 1 | 0 |" not in text
+    assert "| 16 | not run |" in text
   assert f"![{title}" in text
   assert (docs / f"results_{experiment}.png").stat().st_size > 1000
 
@@ -325,3 +349,4 @@ def test_full_report_with_no_runs_does_not_fail(tmp_path):
   report.write_report(str(tmp_path / "runs"), str(tmp_path / "docs"))
   text = (tmp_path / "docs" / "RESULTS.md").read_text()
   assert text.count("not run") == 3 * len(R.THINK_BUDGETS) and "![" not in text
+  assert "instances x samples per seed" in text

@@ -284,12 +284,17 @@ def model_config(preset: str, vocab_size: int, /, **overrides) -> ModelConfig:
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values, one array per layer: k[l], v[l]: [B, num_kv_heads, S_max, head_dim].
+  """Keys and values, one array per layer: k[l] [B, num_kv_heads, head_dim, S_max] (keys
+  stored transposed), v[l] [B, num_kv_heads, S_max, head_dim].
 
   Per-layer arrays (not one stacked [L, ...] array) so that XLA updates each layer's cache in
   place inside the rollout's while loop; slicing a stacked cache per layer copied it on every
-  decode step (measured 10x slower one-token decode on CPU). Head-major (`[KV, S_max, D]` per
-  row) so that one-token attention is a batched matmul over contiguous keys.
+  decode step (measured 10x slower one-token decode on CPU). Head-major (`[KV, ., .]` per row)
+  so that one-token attention is two batched matmuls. Keys are stored `[D, S_max]` so that the
+  scores `q @ k` contract q's last axis with the cache's second-to-last, the layout a matmul
+  reads without transposing: with `[S_max, D]` keys XLA's CPU backend spent ~15 ms on the
+  scores of one decode step at B=64 over 640 slots (4-layer benchmark model's heads), 0.9 ms
+  with `[D, S_max]` (2 cores; `experiments/benchmark.py` rollout tables in the README).
   """
 
   k: tuple[jax.Array, ...]
@@ -297,15 +302,16 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
-    return self.k[0].shape[2]
+    return self.v[0].shape[2]
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
   """An empty cache for `batch_size` rows of up to `max_len` tokens (compute dtype by default)."""
   shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+  k_shape = (batch_size, config.num_kv_heads, config.head_dim, max_len)
   dtype = config.jnp_dtype if dtype is None else dtype
-  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
+  return KVCache(k=tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers)),
+                 v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
 
 
 class RMSNorm(nn.Module):
@@ -361,33 +367,41 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-  """Write new [B, KV, S, D] into cache [B, KV, S_max, D] at positions [B, S] (>= S_max: skip)."""
+def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array,
+                 transposed: bool = False) -> jax.Array:
+  """Write new [B, KV, S, D] into cache [B, KV, S_max, D] (`transposed`: [B, KV, D, S_max], the
+  keys' layout) at positions [B, S] (>= S_max: skip)."""
   b, s = positions.shape
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
-  return cache.at[rows, :, positions].set(new.astype(cache.dtype).transpose(0, 2, 1, 3),
-                                          mode="drop")
+  new = new.astype(cache.dtype).transpose(0, 2, 1, 3)  # [B, S, KV, D]: the indexed axes first
+  if transposed:
+    return cache.at[rows, :, :, positions].set(new, mode="drop")
+  return cache.at[rows, :, positions].set(new, mode="drop")
 
 
-def _scores(q, k, scale):
-  """q [B, KV, G, S, D], k [B, KV, Sk, D] -> f32 scores [B, KV, G, S, Sk]."""
-  return jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) / scale
+def _scores(q, k, scale, k_transposed: bool = False):
+  """q [B, KV, G, S, D], k [B, KV, Sk, D] (`k_transposed`: [B, KV, D, Sk]) -> f32 scores
+  [B, KV, G, S, Sk]."""
+  spec = "bkgsd,bkdt->bkgst" if k_transposed else "bkgsd,bktd->bkgst"
+  return jnp.einsum(spec, q, k, preferred_element_type=jnp.float32) / scale
 
 
-def dense_attention(q, k, v, mask, dtype):
-  """Masked softmax attention. q [B, KV, G, S, D]; k, v [B, KV, Sk, D]; mask broadcastable to
-  [B, KV, G, S, Sk] bool. Returns [B, KV, G, S, D] in `dtype`."""
-  scores = _scores(q, k, np.sqrt(q.shape[-1]).astype(np.float32))
+def dense_attention(q, k, v, mask, dtype, k_transposed: bool = False):
+  """Masked softmax attention. q [B, KV, G, S, D]; k, v [B, KV, Sk, D] (`k_transposed`: k is
+  [B, KV, D, Sk]); mask broadcastable to [B, KV, G, S, Sk] bool. Returns [B, KV, G, S, D] in
+  `dtype`."""
+  scores = _scores(q, k, np.sqrt(q.shape[-1]).astype(np.float32), k_transposed)
   scores = jnp.where(mask, scores, _NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
   return jnp.einsum("bkgst,bktd->bkgsd", probs, v)
 
 
-def _online_softmax_step(carry, q, k_blk, v_blk, mask_blk, dtype):
+def _online_softmax_step(carry, q, k_blk, v_blk, mask_blk, dtype, k_transposed: bool = False):
   """Fold one key block into the running (max m, normaliser l, accumulator acc) of an online
-  softmax. q [B, KV, G, S, D]; k_blk, v_blk [B, KV, C, D]; mask_blk [B, 1, 1, S, C]."""
+  softmax. q [B, KV, G, S, D]; k_blk, v_blk [B, KV, C, D] (`k_transposed`: k_blk [B, KV, D, C]);
+  mask_blk [B, 1, 1, S, C]."""
   m, l, acc = carry
-  s = _scores(q, k_blk, np.sqrt(q.shape[-1]).astype(np.float32))
+  s = _scores(q, k_blk, np.sqrt(q.shape[-1]).astype(np.float32), k_transposed)
   s = jnp.where(mask_blk, s, _NEG_INF)
   # The max only keeps exp() in range; the result does not depend on it.
   m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
@@ -440,7 +454,8 @@ def blockwise_attention(q, k, v, q_pos, k_pos, k_valid, block: int, dtype):
 def cached_attention(q, k_cache, v_cache, q_pos, num_filled, block: int, dtype):
   """Attention of new tokens over a KV cache, costing the filled length (decode, prefill).
 
-  q [B, KV, G, S, D]; k_cache, v_cache [B, KV, S_max, D] (already holding the new tokens);
+  q [B, KV, G, S, D]; k_cache [B, KV, D, S_max], v_cache [B, KV, S_max, D] (`KVCache`'s
+  layouts, already holding the new tokens);
   q_pos [B, S] (a position >= S_max is a padding query: it sees the whole cache); num_filled
   [] int32: slots `>= num_filled` are empty for every row (the longest filled length). Slot j is
   visible to query i iff `j <= q_pos[i]`. A cache of at most `block` slots is attended densely;
@@ -449,35 +464,36 @@ def cached_attention(q, k_cache, v_cache, q_pos, num_filled, block: int, dtype):
   (where one fused matmul is cheaper than the block loop). Not differentiable (the rollout
   does not need it).
   """
-  s_max = k_cache.shape[2]
+  s_max = v_cache.shape[2]
   if s_max <= block:
     slots = jnp.arange(s_max, dtype=jnp.int32)
     mask = (slots[None, None, :] <= q_pos[:, :, None])[:, None, None]
-    return dense_attention(q, k_cache.astype(dtype), v_cache.astype(dtype), mask, dtype)
+    return dense_attention(q, k_cache.astype(dtype), v_cache.astype(dtype), mask, dtype,
+                           k_transposed=True)
   n_blocks = s_max // block + (s_max % block > 0)
   # Padding queries (q_pos >= S_max) would see every slot: clamp them to the filled part.
   q_vis = jnp.minimum(q_pos, num_filled - 1)
-  if s_max % block:  # the last block would run past the cache: pad it once, statically
-    pad = n_blocks * block - s_max
-    k_cache = jnp.pad(k_cache, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    v_cache = jnp.pad(v_cache, ((0, 0), (0, 0), (0, pad), (0, 0)))
 
+  # The block loop runs only while trips <= n_blocks / 2 (below), so its blocks lie inside the
+  # cache even when `block` does not divide S_max (i + 1 <= n_blocks / 2 <= S_max // block):
+  # no padding (padding the cache to a multiple of the block copied all of it on every step).
   def body(i, carry):
     start = i * block
-    k_blk = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=2).astype(dtype)
+    k_blk = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=3).astype(dtype)
     v_blk = jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=2).astype(dtype)
     slots = start + jnp.arange(block, dtype=jnp.int32)
     mask = (slots[None, None, :] <= q_vis[:, :, None])[:, None, None]
-    return _online_softmax_step(carry, q, k_blk, v_blk, mask, dtype)
+    return _online_softmax_step(carry, q, k_blk, v_blk, mask, dtype, k_transposed=True)
 
   def blockwise(q, k_cache, v_cache):
     _, l, acc = jax.lax.fori_loop(0, trips, body, _online_init(q))
     return (acc / l[..., None]).astype(dtype)
 
   def dense(q, k_cache, v_cache):
-    slots = jnp.arange(k_cache.shape[2], dtype=jnp.int32)
+    slots = jnp.arange(v_cache.shape[2], dtype=jnp.int32)
     mask = (slots[None, None, :] <= q_vis[:, :, None])[:, None, None]
-    return dense_attention(q, k_cache.astype(dtype), v_cache.astype(dtype), mask, dtype)
+    return dense_attention(q, k_cache.astype(dtype), v_cache.astype(dtype), mask, dtype,
+                           k_transposed=True)
 
   # Past about half the cache, the dense form is cheaper than the block loop (one fused
   # matmul, no per-block slices): take whichever costs less (the cache is only read here).
@@ -492,8 +508,9 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, layer_cache, positions, key_mask, num_filled=None):
-    """x: [B, S, d]; layer_cache: (k, v) each [B, KV, S_max, D] or None; positions: [B, S];
-    key_mask: [B, S] bool (full forward: which tokens may be attended to; unused with a cache);
+    """x: [B, S, d]; layer_cache: (k [B, KV, D, S_max], v [B, KV, S_max, D]) or None;
+    positions: [B, S]; key_mask: [B, S] bool (full forward: which tokens may be attended to;
+    unused with a cache);
     num_filled: [] int32, cache slots in use after this call (with a cache).
     Returns (x, new layer_cache)."""
     cfg = self.config
@@ -524,7 +541,7 @@ class Block(nn.Module):
     q = q.reshape(b, s, kv, h // kv, hd).transpose(0, 2, 3, 1, 4)  # [B, KV, G, S, D]
     if layer_cache is not None:
       k_cache, v_cache = layer_cache
-      k_cache = _write_cache(k_cache, k, positions)
+      k_cache = _write_cache(k_cache, k, positions, transposed=True)
       v_cache = _write_cache(v_cache, v, positions)
       layer_cache = (k_cache, v_cache)
       attn = cached_attention(q, k_cache, v_cache, positions, num_filled, cfg.decode_block,
@@ -593,7 +610,8 @@ class Transformer(nn.Module):
       tokens: [B, S] int32.
       positions: [B, S] int32 position of each token; default `arange(S)` per row.
       key_mask: [B, S] bool, tokens that may be attended to (full forward only; default all).
-      cache: `KVCache` with per-layer k, v [B, KV, S_max, D] for incremental decoding.
+      cache: `KVCache` (per-layer k [B, KV, D, S_max], v [B, KV, S_max, D]) for incremental
+        decoding.
       return_logits: compute the LM head (False for a value-only critic).
       return_hidden: return the final (normed) hidden states [B, S, d] instead of logits (the
         head is then `lm_logits`).

@@ -400,11 +400,15 @@ def report_think_budget(root, experiment: str = "think_budget"):
                   [f"{t}, {when}" for when in ("SFT", "after GRPO") for t, _ in THINK_GREEDY] +
                   ["exact match, GRPO - SFT (paired by seed)",
                    "exact match after GRPO, b - none (paired by seed)"], rows)
-  sizes = [json.load(open(path)) for path in
-           (os.path.join(R.arm_dir(root, experiment, "sft"), f"eval_{name}.json")
-            for name, _ in R.THINK_BUDGETS) if os.path.exists(path)]
-  size = (f"{sizes[0]['instances']} instances x {sizes[0]['samples']} samples per seed"
-          if sizes and "instances" in sizes[0] else "instances x samples per seed")
+  size = "instances x samples per seed"  # from the first SFT evaluation that has run
+  for name, _ in R.THINK_BUDGETS:
+    path = os.path.join(R.arm_dir(root, experiment, "sft"), f"eval_{name}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        out = json.load(f)
+      if "instances" in out:
+        size = f"{out['instances']} instances x {out['samples']} samples per seed"
+      break
   return (f"**Sampled evaluation** (`experiments.evaluate`: {size}, temperature 1)\n\n"
           f"{sampled}\n\n**Greedy evaluation during GRPO** (`train.eval_envs` fixed "
           "episodes per seed; SFT = the run's step-0 evaluation, i.e. the SFT policy with the cap; "

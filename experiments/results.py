@@ -100,7 +100,7 @@ RX_ACTION_SEARCH = ("--config.reflexion.reflection=action", "--config.rollout.ma
 RX_ACTION_FIX = ("--config.reflexion.reflection=action", "--config.rollout.max_len=224")
 
 # 8. Per-turn think budget (issue 9, part 2): configs/search_think.py (3 hops, 192-token context,
-#    demonstrations that think 40 tokens per turn). b = None: no per-turn cap, only the context.
+#    demonstrations that think 44 tokens per turn). b = None: no per-turn cap, only the context.
 #    think_budget_2hop: 2 hops in a 160-token context from a warm start that succeeds by
 #    searching (issue 18): clean demonstrations (no noise), 300 SFT steps, GRPO 40 steps with
 #    the KL term of the habit setting, GRPO arms for b in {0, 16, none} only (time).
@@ -127,6 +127,10 @@ def _think_budget_arms(env: tuple[str, ...] = (), context: int | None = None,
   evaluation with the same b, all in `context` tokens (None: the config's). `env`: overrides of
   every arm (the task); `sft_steps` / `rl_steps`: the arms' own lengths (None: the flags')."""
   from configs import search_think
+  unknown = set(rl_budgets or ()) - {name for name, _ in THINK_BUDGETS}
+  if unknown:
+    raise ValueError(f"rl_budgets {sorted(unknown)} are not THINK_BUDGETS names "
+                     f"{[name for name, _ in THINK_BUDGETS]}")
   sft_max_len = search_think.SFT_MAX_LEN if sft_max_len is None else sft_max_len
   ctx = () if context is None else (f"--config.rollout.max_len={context}",)
   arms = [_warm_start("sft", THINK, *env, f"--config.rollout.max_len={sft_max_len}",

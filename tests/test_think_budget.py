@@ -278,6 +278,11 @@ def test_think_budget_arms(experiment, hops, context):
   assert [b for _, b in R.THINK_BUDGETS] == [0, 4, 16, 64, None]
 
 
+def test_think_budget_arms_reject_an_unknown_budget_name():
+  with pytest.raises(ValueError, match="b8"):
+    R._think_budget_arms(rl_budgets=("b0", "b8"))
+
+
 def _fake_eval(path, rows, size=None):
   path.parent.mkdir(parents=True, exist_ok=True)
   extra = {} if size is None else {"instances": size[0], "samples": size[1]}

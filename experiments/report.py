@@ -299,13 +299,19 @@ def report_retrieval(root):
   return table, {k: v for k, v in curves.items() if "SFT" not in k}
 
 
-def _eval_json(root, experiment, run, out) -> list[dict] | None:
-  """Per-seed rows of an `experiments.evaluate` output of `run` (None when not run)."""
+def _eval_file(root, experiment, run, out) -> dict | None:
+  """An `experiments.evaluate` output of `run` (None when not run)."""
   path = os.path.join(R.arm_dir(root, experiment, run), out)
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)["per_seed"]
+    return json.load(f)
+
+
+def _eval_json(root, experiment, run, out) -> list[dict] | None:
+  """Per-seed rows of an `experiments.evaluate` output of `run` (None when not run)."""
+  data = _eval_file(root, experiment, run, out)
+  return None if data is None else data["per_seed"]
 
 
 # (column title, evaluate key, scale) of the think-budget tables.
@@ -384,14 +390,14 @@ def report_think_budget(root, experiment: str = "think_budget"):
                    [t for t, _, _ in THINK_METRICS], rows)
   rows = []
   uncapped = get("rl_end", "none")
+  paired = lambda a, b: (fmt(np.subtract(a["success"], b["success"]))
+                         if a and b and len(a["success"]) == len(b["success"]) else "-")
   for label in rl_labels:
     start, end = get("rl_start", label), get("rl_end", label)
     if start is None:
       rows.append([label, "not run"] + [""] * (2 * len(THINK_GREEDY) + 3))
       continue
     steps = int(end["step"][0] - start["step"][0]) if end else 0
-    paired = lambda a, b: (fmt(np.subtract(a["success"], b["success"]))
-                           if a and b and len(a["success"]) == len(b["success"]) else "-")
     rows.append([label, str(len(start["success"])), str(steps)] +
                 [fmt(d[k]) if d else "-" for d in (start, end)
                  for k in ("success", "hops_found", "truncated")] +
@@ -401,14 +407,10 @@ def report_think_budget(root, experiment: str = "think_budget"):
                   ["exact match, GRPO - SFT (paired by seed)",
                    "exact match after GRPO, b - none (paired by seed)"], rows)
   size = "instances x samples per seed"  # from the first SFT evaluation that has run
-  for name, _ in R.THINK_BUDGETS:
-    path = os.path.join(R.arm_dir(root, experiment, "sft"), f"eval_{name}.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        out = json.load(f)
-      if "instances" in out:
-        size = f"{out['instances']} instances x {out['samples']} samples per seed"
-      break
+  outs = [_eval_file(root, experiment, "sft", f"eval_{name}.json") for name, _ in R.THINK_BUDGETS]
+  first = next((o for o in outs if o is not None), None)
+  if first is not None and "instances" in first:
+    size = f"{first['instances']} instances x {first['samples']} samples per seed"
   return (f"**Sampled evaluation** (`experiments.evaluate`: {size}, temperature 1)\n\n"
           f"{sampled}\n\n**Greedy evaluation during GRPO** (`train.eval_envs` fixed "
           "episodes per seed; SFT = the run's step-0 evaluation, i.e. the SFT policy with the cap; "

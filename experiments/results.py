@@ -142,8 +142,7 @@ def _think_budget_arms(env: tuple[str, ...] = (), context: int | None = None,
   for name, b in THINK_BUDGETS:
     if rl_budgets is not None and name not in rl_budgets:
       continue
-    arms += [Arm(f"grpo_{name}", "train", THINK, (*env, *ctx, *_think(b)), init_from="sft",
-                 rl_steps=rl_steps),
+    arms += [_rl_steps(f"grpo_{name}", THINK, "sft", rl_steps, *env, *ctx, *_think(b)),
              Arm(f"grpo_{name}_eval", "evaluate", THINK,
                  ("--config.sft.steps=0", *env, *ctx, *_think(b)),
                  init_from=f"grpo_{name}", out="eval.json", flags=THINK_EVAL)]

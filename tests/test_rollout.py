@@ -1,8 +1,8 @@
 """The fused rollout: contract, exact replies, logprobs, budgets, forcing, sharding, Python tools."""
 
 import dataclasses
-import re
 import functools
+import re
 
 import chex
 import jax
